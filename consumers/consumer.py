@@ -1,0 +1,198 @@
+"""One consumer process: decode, dead-letter or batch, commit to the inbox, ack, submit.
+
+Order of effects per batch: commit (inbox + batch row) -> ack -> create flow run. A crash
+before the commit redelivers the messages; a crash after it leaves a pending batch that any
+consumer submits later; a redelivered message that is already in the inbox is acked and
+dropped by the dedup on its message key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import logging
+import os
+import socket
+from uuid import uuid4
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from psycopg_pool import AsyncConnectionPool
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from consumers.batcher import Batcher
+from consumers.deadletter import DeadLetterer
+from consumers.submit import Submitter
+from consumers.topology import declare_topology
+from ingest import inbox
+from ingest.contract import InvalidMessage, decode, message_key
+from ingest.inbox import Accepted
+from ingest.pipelines import Pipeline
+from ingest.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[Accepted, AbstractIncomingMessage]
+
+
+class PipelineConsumer:
+    """Consumes one pipeline's queue on its own channel; one batch commits at a time."""
+
+    def __init__(self, pipeline: Pipeline, app: "Consumer"):
+        self.pipeline = pipeline
+        self.app = app
+        self.batcher: Batcher[Entry] = Batcher(pipeline.batch)
+        self.incoming: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self.committing: asyncio.Task | None = None
+        self.consumer_tag: str | None = None
+
+    async def start(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        self.channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self.channel.set_qos(prefetch_count=self.pipeline.prefetch)
+        self.deadletterer = DeadLetterer(self.channel, self.pipeline)
+        await self.deadletterer.start()
+        self.queue = await self.channel.get_queue(self.pipeline.queue, ensure=True)
+        self.consumer_tag = await self.queue.consume(self.incoming.put, no_ack=False)
+        self.loop_task = asyncio.create_task(self._loop(), name=f"consume-{self.pipeline.name}")
+
+    async def stop_consuming(self) -> None:
+        if self.consumer_tag:
+            await self.queue.cancel(self.consumer_tag)
+            self.consumer_tag = None
+
+    async def drain(self) -> None:
+        """After the consumer is cancelled: handle what was delivered, commit the last batch."""
+        self.loop_task.cancel()
+        await asyncio.gather(self.loop_task, return_exceptions=True)
+        while not self.incoming.empty():
+            await self._handle(self.incoming.get_nowait())
+        await self._flush()
+        if self.committing:
+            await self.committing
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                message = await asyncio.wait_for(self.incoming.get(), self.batcher.seconds_left())
+            except TimeoutError:
+                await self._flush()
+                continue
+            await self._handle(message)
+            if self.batcher.due:
+                await self._flush()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            record = decode(message.body, message.content_type, self.app.settings.max_message_bytes)
+        except InvalidMessage as exc:
+            try:
+                await self.deadletterer.reject(message, exc)
+            except Exception as publish_error:
+                # Not acked: redelivered and tried again (or dead-lettered by the delivery limit).
+                log.error("message %s: dead-lettering failed (%s), returned to the queue",
+                          message.message_id or message.delivery_tag, publish_error)
+                await message.nack(requeue=True)
+            return
+        key = message_key(message.body, message.message_id)
+        self.batcher.add((Accepted(key, record, message.body), message), len(message.body))
+
+    async def _flush(self) -> None:
+        if not self.batcher.items:
+            return
+        # One commit at a time keeps the order of batches; the next one fills meanwhile.
+        if self.committing:
+            await self.committing
+        self.committing = asyncio.create_task(self._commit(self.batcher.take()))
+
+    async def _commit(self, entries: list[Entry]) -> None:
+        batch_id = uuid4()
+        accepted = [a for a, _ in entries]
+        inserted = 0
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_random_exponential(multiplier=0.5, max=10),
+            before_sleep=lambda rs: log.warning(
+                "batch %s (%s): inbox write failed, retrying: %s",
+                batch_id, self.pipeline.name, rs.outcome.exception(),
+            ),
+        ):
+            with attempt:
+                async with self.app.pool.connection() as conn:
+                    inserted = await inbox.write_batch(
+                        conn, self.pipeline.name, batch_id, accepted, self.app.settings.stuck_batch_seconds
+                    )
+        for _, message in entries:
+            try:
+                await message.ack()
+            except Exception as exc:  # channel lost: the broker redelivers, the inbox dedups
+                log.warning("message %s: ack failed after commit (%s); its redelivery will be deduplicated",
+                            message.message_id or message.delivery_tag, exc)
+        duplicates = len(entries) - inserted
+        if not inserted:
+            log.info("%d redelivered message(s) of %s already in the inbox: acked", len(entries), self.pipeline.name)
+            return
+        log.info(
+            "batch %s (%s): %d records committed%s, messages %s..%s",
+            batch_id, self.pipeline.name, inserted,
+            f", {duplicates} duplicate(s) dropped" if duplicates else "",
+            entries[0][0].message_key[:24], entries[-1][0].message_key[:24],
+        )
+        self.app.submitter.submit_soon(batch_id, self.pipeline.name)
+
+
+class Consumer:
+    """Owns the shared resources (connection, pool, Prefect client) from startup to shutdown."""
+
+    def __init__(self, settings: Settings, pipelines: list[Pipeline]):
+        self.settings = settings
+        self.pipelines = pipelines
+        self.stopping = asyncio.Event()
+
+    async def startup(self) -> None:
+        self.pool = AsyncConnectionPool(
+            self.settings.database_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=False
+        )
+        await self.pool.open(wait=True, timeout=30)
+        self.connection = await aio_pika.connect_robust(
+            self.settings.amqp_url,
+            client_properties={"connection_name": f"ingest-consumer {socket.gethostname()} pid {os.getpid()}"},
+        )
+        await declare_topology(self.connection, self.pipelines)
+        self.submitter = Submitter(self.pool, self.settings, {p.name: p for p in self.pipelines})
+        await self.submitter.start()
+        self.consumers = [PipelineConsumer(p, self) for p in self.pipelines]
+        for consumer in self.consumers:
+            await consumer.start(self.connection)
+        log.info("consuming %s", ", ".join(p.queue for p in self.pipelines))
+
+    async def shutdown(self) -> None:
+        """Stop deliveries first, so in-flight batches finish and nothing new arrives."""
+        log.info("stopping: cancelling consumers, finishing in-flight batches")
+        for consumer in self.consumers:
+            await consumer.stop_consuming()
+        for consumer in self.consumers:
+            await consumer.drain()
+        await self.submitter.close(timeout=self.settings.submit_timeout_seconds)
+        await self.connection.close()
+        await self.pool.close()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        await self.startup()
+        try:
+            await self.stopping.wait()
+        finally:
+            await self.shutdown()
+
+
+def run(settings: Settings, pipelines: list[Pipeline]) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+
+    async def main() -> None:
+        consumer = Consumer(settings, pipelines)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, consumer.stopping.set)
+        await consumer.run()
+
+    asyncio.run(main())

@@ -1,0 +1,50 @@
+"""Dead-lettering invalid messages on their first delivery, with the reason in headers."""
+
+from __future__ import annotations
+
+import logging
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from ingest.contract import InvalidMessage
+from ingest.pipelines import DEAD_LETTER_EXCHANGE, Pipeline
+
+log = logging.getLogger(__name__)
+
+# AMQP properties copied onto the dead letter, so a re-drive republishes the original.
+KEPT_PROPERTIES = (
+    "content_type", "content_encoding", "delivery_mode", "priority", "correlation_id",
+    "reply_to", "expiration", "message_id", "timestamp", "type", "user_id", "app_id",
+)
+
+
+def dead_letter_of(message: AbstractIncomingMessage, error: InvalidMessage, pipeline: str) -> aio_pika.Message:
+    headers = dict(message.headers or {})
+    headers.update({"x-error-reason": error.reason, "x-error": error.error[:4000], "x-pipeline": pipeline})
+    kept = {name: getattr(message, name) for name in KEPT_PROPERTIES if getattr(message, name) is not None}
+    kept["delivery_mode"] = aio_pika.DeliveryMode.PERSISTENT
+    return aio_pika.Message(message.body, headers=headers, **kept)
+
+
+class DeadLetterer:
+    def __init__(self, channel: AbstractChannel, pipeline: Pipeline):
+        self.channel = channel
+        self.pipeline = pipeline
+
+    async def start(self) -> None:
+        self.exchange = await self.channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=True)
+
+    async def reject(self, message: AbstractIncomingMessage, error: InvalidMessage) -> None:
+        """Publish to `<pipeline>.dlq` and wait for the broker's confirm, then ack the original.
+
+        If the publish fails the original is not acked: it is redelivered and tried again.
+        """
+        await self.exchange.publish(
+            dead_letter_of(message, error, self.pipeline.name), routing_key=self.pipeline.name, mandatory=True
+        )
+        await message.ack()
+        log.warning(
+            "message %s of %s dead-lettered (%s): %s",
+            message.message_id or f"#{message.delivery_tag}", self.pipeline.name, error.reason, error.error[:300],
+        )

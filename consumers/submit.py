@@ -1,0 +1,109 @@
+"""Creating each committed batch's flow run, and retrying the ones Prefect did not take.
+
+A batch is submitted right after its commit; if Prefect is unreachable the batch stays
+`pending` in PostgreSQL with a backoff, and a sweep (in every consumer) retries it. A batch
+whose consumer died before submitting is picked up by the sweep once its lease expires.
+The idempotency key is the batch id, so submitting twice still makes one flow run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient, get_client
+from psycopg_pool import AsyncConnectionPool
+
+from ingest import inbox
+from ingest.pipelines import Pipeline
+from ingest.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def backoff_seconds(attempts: int, cap: float) -> float:
+    """Exponential backoff with full jitter: 1, 2, 4 ... seconds, capped."""
+    return random.uniform(0.5, 1.0) * min(cap, 2.0**attempts)
+
+
+class Submitter:
+    def __init__(self, pool: AsyncConnectionPool, settings: Settings, pipelines: dict[str, Pipeline]):
+        self.pool = pool
+        self.settings = settings
+        self.pipelines = pipelines
+        self.client: PrefectClient | None = None
+        self.deployment_ids: dict[str, UUID] = {}
+        self.in_flight: set[asyncio.Task] = set()
+        self.sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.client = get_client()
+        await self.client.__aenter__()
+        self.sweeper = asyncio.create_task(self._sweep_forever(), name="submit-sweep")
+
+    async def close(self, timeout: float) -> None:
+        """Let submissions in flight finish (those that do not stay pending), then close."""
+        if self.sweeper:
+            self.sweeper.cancel()
+        if self.in_flight:
+            await asyncio.wait(self.in_flight, timeout=timeout)
+        if self.client:
+            await self.client.__aexit__(None, None, None)
+
+    def submit_soon(self, batch_id: UUID, pipeline: str, attempts: int = 0) -> None:
+        task = asyncio.create_task(self._submit(batch_id, pipeline, attempts))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+
+    async def _deployment_id(self, pipeline: str) -> UUID:
+        if pipeline not in self.deployment_ids:
+            deployment = await self.client.read_deployment_by_name(self.pipelines[pipeline].deployment)
+            self.deployment_ids[pipeline] = deployment.id
+        return self.deployment_ids[pipeline]
+
+    async def _create_run(self, batch_id: UUID, pipeline: str) -> UUID:
+        deployment_id = await self._deployment_id(pipeline)
+        run = await self.client.create_flow_run_from_deployment(
+            deployment_id,
+            parameters={"pipeline": pipeline, "batch_id": str(batch_id)},
+            idempotency_key=str(batch_id),
+            name=f"{pipeline}-{str(batch_id)[:8]}",
+        )
+        return run.id
+
+    async def _submit(self, batch_id: UUID, pipeline: str, attempts: int) -> None:
+        try:
+            flow_run_id = await asyncio.wait_for(
+                self._create_run(batch_id, pipeline), self.settings.submit_timeout_seconds
+            )
+        except Exception as exc:  # Prefect down, slow or misconfigured: the batch waits in PostgreSQL
+            self.deployment_ids.pop(pipeline, None)
+            delay = backoff_seconds(attempts, self.settings.submit_max_backoff_seconds)
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "batch %s (%s): flow run not created (attempt %d), retry in %.1fs: %s",
+                batch_id, pipeline, attempts + 1, delay, error,
+            )
+            async with self.pool.connection() as conn:
+                await inbox.defer_batch(conn, batch_id, error, delay)
+            return
+        async with self.pool.connection() as conn:
+            await inbox.mark_submitted(conn, batch_id, flow_run_id)
+        log.info("batch %s (%s): flow run %s created", batch_id, pipeline, flow_run_id)
+
+    async def _sweep_forever(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self.pool.connection() as conn:
+                    due = await inbox.claim_due_batches(
+                        conn, list(self.pipelines), self.settings.stuck_batch_seconds
+                    )
+                for batch_id, pipeline, attempts in due:
+                    await self._submit(batch_id, pipeline, attempts)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("submission sweep failed; next sweep in %.0fs", interval)

@@ -1,0 +1,1 @@
+"""Prefect flows: `ingest` (one batch) and the deployments generated from the pipeline config."""

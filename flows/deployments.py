@@ -1,0 +1,49 @@
+"""Work pool and deployments, generated from the pipeline config (never clicked together)."""
+
+from __future__ import annotations
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.deployments.runner import EntrypointType
+from prefect.exceptions import ObjectNotFound
+from prefect.workers.process import ProcessWorker
+
+from ingest.pipelines import Pipeline
+
+
+async def ensure_work_pool(name: str) -> bool:
+    """Create the process work pool if missing; True if created."""
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type=ProcessWorker.type,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    description="Runs the ingestion flows; workers on any host may poll it.",
+                )
+            )
+            return True
+
+
+async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[str]:
+    """Create or update one `ingest/<pipeline>` deployment per pipeline; return their names."""
+    from flows.ingest import ingest
+
+    names = []
+    for pipeline in pipelines:
+        deployment = await ingest.ato_deployment(
+            name=pipeline.name,
+            parameters={"pipeline": pipeline.name},
+            description=f"Processes batches of pipeline {pipeline.name!r} (created by its consumers).",
+            tags=["ingest", f"pipeline:{pipeline.name}"],
+            # A module path, not a file path: the worker imports the installed package.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            work_pool_name=work_pool,
+        )
+        await deployment.aapply(work_pool_name=work_pool)
+        names.append(pipeline.deployment)
+    return names

@@ -1,0 +1,189 @@
+"""The `ingest` command line.
+
+Heavy imports (Prefect, the consumers, the flows) happen inside the commands that need
+them, so `ingest --help` and `ingest schema` stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ingest.settings import get_settings
+
+# Prefect reads its settings from the environment when first imported: derive them from
+# INGEST_* before anything imports Prefect.
+os.environ.update(get_settings().prefect_environment())
+
+app = typer.Typer(
+    help="Event-driven ingestion: RabbitMQ -> Prefect flow runs -> PostgreSQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PipelineOption = Annotated[
+    Optional[list[str]], typer.Option("--pipeline", "-p", help="Only this pipeline (repeatable). Default: all.")
+]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=get_settings().log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiormq", "aio_pika", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _pipelines(names: list[str] | None = None):
+    from ingest.pipelines import PipelineConfigError, load_pipelines
+
+    settings = get_settings()
+    try:
+        pipelines = load_pipelines(settings.pipelines_file)
+    except PipelineConfigError as exc:
+        raise _fail(str(exc), 2)
+    unknown = set(names or ()) - set(pipelines)
+    if unknown:
+        raise _fail(f"unknown pipeline(s) {', '.join(sorted(unknown))}; known: {', '.join(pipelines)}", 2)
+    return [p for name, p in pipelines.items() if not names or name in names]
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the record envelope producers publish."""
+    import orjson
+
+    from ingest.contract import json_schema
+
+    typer.echo(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
+
+
+@app.command()
+def bootstrap(
+    skip_prefect: Annotated[bool, typer.Option(help="Only databases, migrations and queues.")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the Prefect API to answer.")] = 0,
+) -> None:
+    """Create databases, run migrations, declare queues, create the work pool and deployments.
+
+    Idempotent: running it again changes nothing.
+    """
+    from ingest import bootstrap as steps
+    from ingest.db import DatabaseUnavailable
+
+    _setup_logging()
+    settings, pipelines = get_settings(), _pipelines()
+    try:
+        steps.prepare_storage(settings, pipelines)
+        steps.declare_queues(settings, pipelines)
+        if not skip_prefect:
+            steps.wait_for_prefect(settings, wait or 5)
+            steps.register_deployments(settings, pipelines)
+    except (DatabaseUnavailable, TimeoutError, OSError) as exc:
+        raise _fail(str(exc))
+    except Exception as exc:  # e.g. a queue declared with other arguments
+        raise _fail(f"{type(exc).__name__}: {exc}")
+    typer.echo("bootstrap complete")
+
+
+@app.command()
+def up() -> None:
+    """Bootstrap, then run the Prefect server, the worker and the consumers under supervisord.
+
+    Runs in the foreground; Ctrl-C or SIGTERM stops everything (consumers first).
+    """
+    from ingest.stack import run_stack
+
+    _setup_logging()
+    raise typer.Exit(run_stack(get_settings(), _pipelines()))
+
+
+@app.command()
+def server() -> None:
+    """Run the Prefect server on its PostgreSQL database (a program of supervisord.conf)."""
+    from ingest.stack import exec_prefect_server
+
+    _setup_logging()
+    exec_prefect_server(get_settings())
+
+
+@app.command()
+def worker() -> None:
+    """Run a Prefect worker on the process work pool (a program of supervisord.conf)."""
+    from ingest.stack import exec_prefect_worker
+
+    _setup_logging()
+    exec_prefect_worker(get_settings())
+
+
+@app.command()
+def consumer(pipeline: PipelineOption = None) -> None:
+    """Consume the pipelines' queues until SIGTERM (a program of supervisord.conf)."""
+    from consumers.consumer import run
+
+    _setup_logging()
+    run(get_settings(), _pipelines(pipeline))
+
+
+@app.command()
+def publish(
+    file: Annotated[Optional[Path], typer.Argument(help="JSONL file, one record envelope per line; '-' or none: stdin.")] = None,
+    pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="Routing key (pipeline name).")] = "records",
+    concurrency: Annotated[int, typer.Option(help="Messages awaiting their confirm at once.")] = 200,
+    message_id_field: Annotated[
+        Optional[str], typer.Option(help="Use this field of each line's JSON as the AMQP message_id.")
+    ] = None,
+) -> None:
+    """Publish JSONL records with publisher confirms and mandatory routing.
+
+    Lines are sent as they are (bad ones are dead-lettered by the consumers, not here).
+    Exits non-zero if any line was not confirmed.
+    """
+    from ingest.publisher import publish_lines
+
+    _setup_logging()
+    _pipelines([pipeline])
+    stream = sys.stdin.buffer if file is None or str(file) == "-" else None
+    if stream is None and not file.exists():
+        raise _fail(f"{file} does not exist", 2)
+    published, failed = publish_lines(get_settings(), file if stream is None else None, pipeline, concurrency, message_id_field)
+    typer.echo(f"published {published}, failed {failed}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output (stable shape).")] = False,
+    pipeline: PipelineOption = None,
+    hours: Annotated[float, typer.Option(help="Count flow runs scheduled in the last N hours.")] = 24,
+) -> None:
+    """Per pipeline: queue and DLQ depth, inbox, batches, recent flow runs, sink rows."""
+    import asyncio
+
+    import orjson
+
+    from ingest.status import collect, render
+
+    settings = get_settings()
+    try:
+        snapshot = asyncio.run(collect(settings, _pipelines(pipeline), hours))
+    except Exception as exc:
+        raise _fail(f"{type(exc).__name__}: {exc}")
+    typer.echo(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2).decode() if json_output else render(snapshot))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,154 @@
+"""The record envelope producers publish, and the one decode path that checks it.
+
+`decode()` either returns a `Record` or raises `InvalidMessage` with a machine-readable
+reason (the `x-error-reason` header of the dead letter) and a human-readable error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+Reason = Literal["not_utf8", "not_json", "not_object", "invalid", "too_large", "unsupported_content_type"]
+
+
+class InvalidMessage(Exception):
+    """A message that no retry can fix: it is dead-lettered on its first delivery."""
+
+    def __init__(self, reason: Reason, error: str):
+        super().__init__(f"{reason}: {error}")
+        self.reason = reason
+        self.error = error
+
+
+def _rfc3339_string(value: Any) -> Any:
+    # pydantic would also take numbers (epoch seconds); the contract says RFC 3339 text.
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 timestamp string, e.g. 2024-05-01T12:00:00Z")
+    return value
+
+
+Key = Annotated[StrictStr, Field(min_length=1, max_length=512)]
+
+
+class Record(BaseModel):
+    """One record as published: the record key is (source, id)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: Key = Field(description="Identifier of the record within its source.")
+    source: Key = Field(description="System the record comes from.")
+    type: Key = Field(description="Kind of record, e.g. `order.created`.")
+    occurred_at: Annotated[AwareDatetime, BeforeValidator(_rfc3339_string)] = Field(
+        description="When it happened, RFC 3339 with a UTC offset; an older version never overwrites a newer one."
+    )
+    data: dict[str, Any] = Field(description="The payload, stored exactly as sent.")
+    schema_version: StrictInt | None = Field(None, ge=1, description="Version of the payload's schema.")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.source, self.id)
+
+
+JSON_CONTENT_TYPES = {"application/json"}
+
+
+def _check_content_type(content_type: str | None) -> None:
+    if not content_type:
+        return
+    mime, _, params = content_type.partition(";")
+    mime = mime.strip().lower()
+    if mime not in JSON_CONTENT_TYPES and not mime.endswith("+json"):
+        raise InvalidMessage("unsupported_content_type", f"content_type {content_type!r} is not JSON")
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise InvalidMessage("unsupported_content_type", f"charset {value.strip()!r} is not UTF-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        # orjson refuses numbers beyond a double (1e400); they are valid JSON and PostgreSQL
+        # stores them exactly, so give the standard parser a second look.
+        try:
+            value = json.loads(text, parse_constant=_reject_constant)
+            orjson.dumps(value)  # still refuses lone surrogates, which PostgreSQL cannot store
+        except (ValueError, TypeError):
+            raise InvalidMessage("not_json", f"body is not JSON: {exc}") from None
+        return value
+
+
+def _find_nul(value: Any, path: str = "") -> str | None:
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            where = f"{path}.{k}" if path else k
+            if "\x00" in k:
+                return where
+            if (found := _find_nul(v, where)) is not None:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _find_nul(v, f"{path}[{i}]")) is not None:
+                return found
+    return None
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors(include_url=False):
+        field = ".".join(str(p) for p in e["loc"]) or "(body)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{field}: unknown field (allowed: {', '.join(Record.model_fields)})")
+        else:
+            parts.append(f"{field}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def decode(body: bytes, content_type: str | None = None, max_bytes: int | None = None) -> Record:
+    """Check one message body against the contract; raise `InvalidMessage` on the first problem."""
+    if max_bytes is not None and len(body) > max_bytes:
+        raise InvalidMessage("too_large", f"body is {len(body)} bytes, the limit is {max_bytes}")
+    _check_content_type(content_type)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage("not_utf8", f"body is not UTF-8: {exc}") from None
+    value = _parse_json(text)
+    if not isinstance(value, dict):
+        raise InvalidMessage("not_object", f"body is a JSON {type(value).__name__}, not an object")
+    # PostgreSQL's jsonb cannot hold U+0000; JSON can only carry it escaped.
+    if "\\u0000" in text and (where := _find_nul(value)) is not None:
+        raise InvalidMessage("invalid", f"{where}: contains U+0000, which cannot be stored")
+    try:
+        return Record.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidMessage("invalid", _describe(exc)) from None
+
+
+def message_key(body: bytes, message_id: str | None) -> str:
+    """The inbox dedup key: the AMQP message_id when the producer set one, else the body's hash."""
+    if message_id:
+        return f"id:{message_id}"
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Record.model_json_schema()
+    schema["$id"] = "urn:ingest:record-envelope"
+    schema["description"] = (
+        "One record, published to exchange `ingest` with the pipeline name as routing key. "
+        "The record key is (source, id)."
+    )
+    return schema

@@ -1,0 +1,117 @@
+"""Database access: connections, creating databases, migrations, sink tables."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+log = logging.getLogger(__name__)
+
+# Serialises concurrent bootstraps (several containers starting at once).
+MIGRATION_LOCK = 0x1A9E57
+
+
+class DatabaseUnavailable(Exception):
+    pass
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {exc}".strip()) from None
+
+
+def redact(url: str) -> str:
+    params = conninfo_to_dict(url)
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo(**params)
+
+
+def ensure_database(url: str) -> bool:
+    """Create the database `url` names if it does not exist; True if it was created."""
+    params = conninfo_to_dict(url)
+    name = params.get("dbname")
+    if not name:
+        raise ValueError(f"{redact(url)} names no database")
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+        return False
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc):
+            raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {exc}".strip()) from None
+    with connect(make_conninfo(url, dbname="postgres"), autocommit=True) as conn:
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            return False  # created concurrently by another bootstrap
+        except psycopg.errors.InsufficientPrivilege:
+            raise DatabaseUnavailable(
+                f"database {name!r} does not exist and this role may not create it: "
+                f"create it once as an administrator (CREATE DATABASE {name})"
+            ) from None
+    return True
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _migrations() -> list[tuple[str, str]]:
+    return [(f.name, f.read_text(encoding="utf-8")) for f in sorted(MIGRATIONS.glob("*.sql"))]
+
+
+def migrate(conn: psycopg.Connection) -> list[str]:
+    """Apply the migrations not applied yet, in one transaction; return their names."""
+    applied_now = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+        for name, text in _migrations():
+            if name in done:
+                continue
+            conn.execute(text)
+            conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
+            applied_now.append(name)
+    return applied_now
+
+
+def ensure_sink_table(conn: psycopg.Connection, table: str) -> None:
+    """The sink: one row per record key, the newest version by occurred_at."""
+    conn.execute(
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {table} (
+                source      text NOT NULL,
+                id          text NOT NULL,
+                type        text NOT NULL,
+                occurred_at timestamptz NOT NULL,
+                data        jsonb NOT NULL,
+                enrichment  jsonb,
+                ingested_at timestamptz NOT NULL DEFAULT now(),
+                flow_run_id uuid,
+                -- arrival order in the inbox: breaks ties between versions with the same occurred_at
+                inbox_seq   bigint NOT NULL,
+                PRIMARY KEY (source, id)
+            )"""
+        ).format(table=sql.Identifier(table))
+    )
+
+
+_pools: dict[str, "ConnectionPool"] = {}
+
+
+def pool(url: str) -> "ConnectionPool":
+    """A process-wide pool per database, for the threads of a flow run's tasks."""
+    from psycopg_pool import ConnectionPool
+
+    if url not in _pools:
+        _pools[url] = ConnectionPool(url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True)
+    return _pools[url]

@@ -1,0 +1,152 @@
+"""The inbox and the batches: the durable hand-off between consumers and flow runs.
+
+Consumers write (async connections); flow runs read and settle (sync connections).
+Every write here is idempotent, so any step may be repeated after a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import psycopg
+
+from ingest.contract import Record
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid message, ready for the inbox."""
+
+    message_key: str
+    record: Record
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRecord:
+    """A record as a flow run loads it; `data` only when a step needs it."""
+
+    message_key: str
+    source: str
+    id: str
+    type: str
+    occurred_at: datetime
+    data: dict | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}/{self.id}"
+
+
+_INSERT_BATCH = """
+INSERT INTO batches (batch_id, pipeline, record_count, next_attempt_at)
+VALUES (%(batch_id)s, %(pipeline)s, 0, now() + make_interval(secs => %(lease)s))
+"""
+
+# unnest() makes the whole batch one statement; the body is cast by PostgreSQL itself so
+# numbers keep their exact text. Duplicates inside the batch collapse on the primary key.
+_INSERT_RECORDS = """
+INSERT INTO inbox (pipeline, message_key, batch_id, source, record_id, type, occurred_at, body)
+SELECT %(pipeline)s, k, %(batch_id)s, s, i, t, o, b::jsonb
+FROM unnest(%(keys)s::text[], %(sources)s::text[], %(ids)s::text[], %(types)s::text[],
+            %(occurred)s::timestamptz[], %(bodies)s::text[]) AS u(k, s, i, t, o, b)
+ON CONFLICT (pipeline, message_key) DO NOTHING
+"""
+
+
+async def write_batch(
+    conn: psycopg.AsyncConnection, pipeline: str, batch_id: UUID, accepted: list[Accepted], lease_seconds: float
+) -> int:
+    """Insert a batch and its new records in one transaction; return how many were new.
+
+    A batch whose records were all seen before (a redelivery after a crash) is not kept:
+    its records already belong to an earlier batch.
+    """
+    params = {
+        "pipeline": pipeline,
+        "batch_id": batch_id,
+        "lease": lease_seconds,
+        "keys": [a.message_key for a in accepted],
+        "sources": [a.record.source for a in accepted],
+        "ids": [a.record.id for a in accepted],
+        "types": [a.record.type for a in accepted],
+        "occurred": [a.record.occurred_at for a in accepted],
+        "bodies": [a.body.decode("utf-8") for a in accepted],
+    }
+    async with conn.transaction():
+        await conn.execute(_INSERT_BATCH, params)
+        cur = await conn.execute(_INSERT_RECORDS, params)
+        inserted = cur.rowcount
+        if inserted:
+            await conn.execute(
+                "UPDATE batches SET record_count = %s WHERE batch_id = %s", (inserted, batch_id)
+            )
+        else:
+            await conn.execute("DELETE FROM batches WHERE batch_id = %s", (batch_id,))
+    return inserted
+
+
+async def claim_due_batches(
+    conn: psycopg.AsyncConnection, pipelines: list[str], lease_seconds: float, limit: int = 50
+) -> list[tuple[UUID, str, int]]:
+    """Lease pending batches that are due, so no other consumer submits them meanwhile."""
+    cur = await conn.execute(
+        """
+        UPDATE batches SET next_attempt_at = now() + make_interval(secs => %s)
+        WHERE batch_id IN (
+            SELECT batch_id FROM batches
+            WHERE status = 'pending' AND next_attempt_at <= now() AND pipeline = ANY(%s)
+            ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED)
+        RETURNING batch_id, pipeline, attempts
+        """,
+        (lease_seconds, pipelines, limit),
+    )
+    return await cur.fetchall()
+
+
+async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run_id: UUID) -> None:
+    await conn.execute(
+        """UPDATE batches SET status = 'submitted', flow_run_id = %s, submitted_at = now(),
+               attempts = attempts + 1, last_error = NULL
+           WHERE batch_id = %s""",
+        (flow_run_id, batch_id),
+    )
+
+
+async def defer_batch(conn: psycopg.AsyncConnection, batch_id: UUID, error: str, delay_seconds: float) -> None:
+    await conn.execute(
+        """UPDATE batches SET attempts = attempts + 1, last_error = %s,
+               next_attempt_at = now() + make_interval(secs => %s)
+           WHERE batch_id = %s AND status = 'pending'""",
+        (error[:2000], delay_seconds, batch_id),
+    )
+
+
+def load_unfinished(
+    conn: psycopg.Connection, pipeline: str, batch_id: UUID, with_data: bool
+) -> list[InboxRecord]:
+    """The batch's records that are not done yet: a retried run processes only these."""
+    data = "body->'data'" if with_data else "NULL"
+    cur = conn.execute(
+        f"""SELECT message_key, source, record_id, type, occurred_at, {data}
+            FROM inbox WHERE pipeline = %s AND batch_id = %s AND status <> 'done'
+            ORDER BY seq""",
+        (pipeline, batch_id),
+    )
+    return [InboxRecord(*row) for row in cur]
+
+
+def mark_failed(conn: psycopg.Connection, pipeline: str, failures: dict[str, str], flow_run_id: UUID | None) -> None:
+    """`failures`: message key -> error. Done records are never turned back to failed."""
+    if not failures:
+        return
+    with conn.transaction():
+        conn.execute(
+            """UPDATE inbox SET status = 'failed', error = f.error, attempts = attempts + 1,
+                   processed_at = now(), flow_run_id = %s
+               FROM unnest(%s::text[], %s::text[]) AS f(message_key, error)
+               WHERE inbox.pipeline = %s AND inbox.message_key = f.message_key AND inbox.status <> 'done'""",
+            (flow_run_id, list(failures), list(failures.values()), pipeline),
+        )

@@ -1,0 +1,114 @@
+"""The pipeline config: each pipeline declared once, everything else derived from it.
+
+A pipeline's name is its routing key, its queue, its deployment's name; its dead-letter
+queue is `<name>.dlq`. Bootstrap generates queues, deployments and schedules from here.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+TABLE_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+
+EXCHANGE = "ingest"
+DEAD_LETTER_EXCHANGE = "ingest.dlx"
+INGEST_FLOW = "ingest"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Batching(_Strict):
+    """A consumer commits a micro-batch when any of these limits is reached."""
+
+    max_records: int = Field(200, ge=1, le=10_000, description="Records per batch (one flow run each).")
+    max_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Sum of message bodies per batch.")
+    max_linger_ms: int = Field(250, ge=1, description="Longest a record waits for its batch to fill.")
+
+
+class Enrichment(_Strict):
+    """An HTTP service each record is POSTed to; its JSON answer is stored beside the record."""
+
+    url: HttpUrl
+    timeout_seconds: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0, description="Retries of 5xx answers and timeouts, with backoff and jitter.")
+    backoff_seconds: float = Field(0.5, gt=0, description="First retry delay; it doubles each retry.")
+
+
+class Pipeline(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    flow: Literal["ingest"] = Field(INGEST_FLOW, description="The flow each batch runs.")
+    granularity: Literal["record", "chunk"] = Field(
+        "chunk",
+        description="`record`: one task run per record (visible in the UI); `chunk`: one per chunk (volume).",
+    )
+    chunk_size: int = Field(500, ge=1, description="Records per task run with `chunk` granularity.")
+    task_retries: int = Field(2, ge=0, description="Prefect retries of a task run after an unexpected error.")
+    task_retry_delay_seconds: float = Field(2.0, ge=0)
+    sink_table: str = Field("records", pattern=TABLE_PATTERN, description="Table the records are upserted into.")
+    delivery_limit: int = Field(
+        5, ge=1, description="Deliveries before the broker dead-letters a message that keeps crashing consumers."
+    )
+    batch: Batching = Batching()
+    enrich: Enrichment | None = None
+
+    @property
+    def queue(self) -> str:
+        return self.name
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.name}.dlq"
+
+    @property
+    def deployment(self) -> str:
+        """`flow/deployment`, as Prefect names it."""
+        return f"{self.flow}/{self.name}"
+
+    @property
+    def prefetch(self) -> int:
+        # Room for one batch being committed while the next one fills.
+        return 2 * self.batch.max_records
+
+
+class PipelineConfigError(Exception):
+    pass
+
+
+def load_pipelines(path: Path) -> dict[str, Pipeline]:
+    """Read `[pipelines.<name>]` tables; raise `PipelineConfigError` naming the file and field."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineConfigError(f"pipeline config {path} does not exist (set INGEST_PIPELINES_FILE)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(raw) - {"pipelines"}
+    if unknown:
+        raise PipelineConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected [pipelines.<name>]")
+    pipelines: dict[str, Pipeline] = {}
+    for name, table in (raw.get("pipelines") or {}).items():
+        try:
+            pipelines[name] = Pipeline(name=name, **table)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+            )
+            raise PipelineConfigError(f"{path}: pipeline {name!r}: {problems}") from None
+    if not pipelines:
+        raise PipelineConfigError(f"{path}: declares no pipeline")
+    return pipelines
+
+
+def load_pipeline(path: Path, name: str) -> Pipeline:
+    pipelines = load_pipelines(path)
+    try:
+        return pipelines[name]
+    except KeyError:
+        raise PipelineConfigError(f"{path}: no pipeline {name!r} (known: {', '.join(pipelines)})") from None

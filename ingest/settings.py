@@ -1,0 +1,97 @@
+"""Every tunable of the system, in one place, read from `INGEST_*` environment variables.
+
+Defaults work on a single machine with PostgreSQL and RabbitMQ on loopback and no
+configuration at all; production sets the URLs (and secrets) through the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INGEST_", extra="ignore")
+
+    amqp_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        description="RabbitMQ connection URL (consumers, publisher, status, bootstrap).",
+    )
+    rabbitmq_management_url: str | None = Field(
+        "http://127.0.0.1:15672",
+        description="RabbitMQ management API, used by `ingest status` for unacked counts when reachable.",
+    )
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/ingest",
+        description="PostgreSQL database holding the inbox, the batches and the sink tables.",
+    )
+    prefect_database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/prefect",
+        description="PostgreSQL database of the Prefect server's own state.",
+    )
+    prefect_api_url: str = Field(
+        "http://127.0.0.1:4200/api",
+        description="Prefect API; the server started by `ingest up` binds to its host and port.",
+    )
+    pipelines_file: Path = Field(
+        PROJECT_ROOT / "pipelines.toml",
+        description="The pipeline config: queues, deployments and schedules are generated from it.",
+    )
+    work_pool: str = Field("ingest", description="Prefect process work pool the deployments run on.")
+    consumers: int = Field(2, ge=1, description="Consumer processes started by `ingest up`.")
+    max_message_bytes: int = Field(
+        1024 * 1024, ge=1, description="Larger messages are dead-lettered as `too_large`."
+    )
+    worker_poll_seconds: float = Field(
+        1.0, gt=0, description="How often the Prefect worker polls for scheduled runs (latency)."
+    )
+    submit_timeout_seconds: float = Field(
+        10.0, gt=0, description="Time limit for one flow-run creation call to Prefect."
+    )
+    submit_max_backoff_seconds: float = Field(
+        30.0, gt=0, description="Longest wait between retries of a batch whose run could not be created."
+    )
+    stuck_batch_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="A pending batch untouched this long (its consumer died) is submitted by any consumer.",
+    )
+    run_dir: Path = Field(
+        PROJECT_ROOT / ".run", description="Where `ingest up` keeps supervisord's socket and pid file."
+    )
+    log_level: str = Field("INFO", description="Log level of consumers and commands.")
+
+    @property
+    def prefect_host(self) -> str:
+        return urlsplit(self.prefect_api_url).hostname or "127.0.0.1"
+
+    @property
+    def prefect_port(self) -> int:
+        return urlsplit(self.prefect_api_url).port or 4200
+
+    @property
+    def prefect_server_database_url(self) -> str:
+        """The Prefect server speaks asyncpg through SQLAlchemy."""
+        return "postgresql+asyncpg://" + self.prefect_database_url.split("://", 1)[1]
+
+    def prefect_environment(self) -> dict[str, str]:
+        """PREFECT_* variables for every process: INGEST_* settings are the one source of truth."""
+        return {
+            "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_SERVER_API_HOST": self.prefect_host,
+            "PREFECT_SERVER_API_PORT": str(self.prefect_port),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.prefect_server_database_url,
+            "PREFECT_WORKER_QUERY_SECONDS": str(self.worker_poll_seconds),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

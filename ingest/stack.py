@@ -1,0 +1,74 @@
+"""Running the stack: `ingest up` (supervisord in the foreground) and its programs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from ingest import bootstrap, db
+from ingest.pipelines import Pipeline
+from ingest.settings import PROJECT_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+BIN = Path(sys.executable).parent
+PREFECT_STARTUP_SECONDS = 180
+
+
+def stack_environment(settings: Settings) -> dict[str, str]:
+    """What supervisord.conf expands, plus the Prefect settings every program shares."""
+    return {
+        **os.environ,
+        **settings.prefect_environment(),
+        "INGEST_CONSUMERS": str(settings.consumers),
+        "INGEST_RUN_DIR": str(settings.run_dir),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def run_stack(settings: Settings, pipelines: list[Pipeline]) -> int:
+    """Bootstrap, start supervisord, register deployments once Prefect answers; return its exit code."""
+    bootstrap.prepare_storage(settings, pipelines)
+    bootstrap.declare_queues(settings, pipelines)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    # A session of its own: Ctrl-C reaches only us, and we stop supervisord in order.
+    supervisord = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(PROJECT_ROOT / "supervisord.conf")],
+        env=stack_environment(settings),
+        start_new_session=True,
+    )
+
+    def stop(signum, _frame) -> None:
+        log.info("%s: stopping the stack", signal.Signals(signum).name)
+        supervisord.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        bootstrap.wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
+        bootstrap.register_deployments(settings, pipelines)
+        log.info("stack up: Prefect UI at %s", settings.prefect_api_url.removesuffix("/api"))
+    except Exception as exc:
+        if supervisord.poll() is None:
+            log.error("bootstrap against Prefect failed, stopping: %s", exc)
+            supervisord.send_signal(signal.SIGTERM)
+    return supervisord.wait()
+
+
+def exec_prefect_server(settings: Settings) -> None:
+    db.ensure_database(settings.prefect_database_url)
+    os.environ.update(settings.prefect_environment())
+    os.execv(BIN / "prefect", ["prefect", "server", "start",
+                              "--host", settings.prefect_host, "--port", str(settings.prefect_port)])
+
+
+def exec_prefect_worker(settings: Settings) -> None:
+    bootstrap.wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
+    os.environ.update(settings.prefect_environment())
+    os.execv(BIN / "prefect", ["prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
+                              "--name", f"ingest-worker-{socket.gethostname()}-{os.getpid()}"])

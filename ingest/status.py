@@ -1,0 +1,167 @@
+"""`ingest status`: one snapshot per pipeline of queue, DLQ, inbox, batches, runs and sink.
+
+The JSON shape is a stable monitoring interface:
+{"pipelines": {"<name>": {"queue": {"ready", "unacked" (null without the management API), "consumers"},
+                           "dlq": {"ready", "reasons": {reason: count}},
+                           "inbox": {"pending", "done", "failed"},
+                           "batches": {"pending", "submitted"},
+                           "runs": {state: count} | {"error": str},
+                           "sink": {"table", "records"}}}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import quote
+
+import aio_pika
+import httpx
+import psycopg
+from psycopg import sql
+
+from ingest.pipelines import Pipeline
+
+DLQ_SCAN_LIMIT = 10_000
+RUN_STATES = ("scheduled", "pending", "running", "completed", "failed", "crashed", "cancelled", "cancelling", "paused")
+
+
+async def _queue_depths(connection: aio_pika.abc.AbstractConnection, pipeline: Pipeline, management_url: str | None,
+                        amqp_url: str) -> tuple[dict, dict]:
+    async with connection.channel() as channel:
+        queue = await channel.declare_queue(pipeline.queue, passive=True)
+        ok = queue.declaration_result
+        main = {"ready": ok.message_count, "unacked": None, "consumers": ok.consumer_count}
+    if management_url:
+        main["unacked"] = await _unacked(management_url, amqp_url, pipeline.queue)
+    dlq = await _dlq_reasons(connection, pipeline)
+    return main, dlq
+
+
+async def _unacked(management_url: str, amqp_url: str, queue: str) -> int | None:
+    """AMQP cannot tell unacknowledged counts; the management API can, when it is enabled."""
+    url = httpx.URL(amqp_url)
+    vhost = url.path[1:] or "/"
+    try:
+        async with httpx.AsyncClient(timeout=5, auth=(url.username or "guest", url.password or "guest")) as http:
+            response = await http.get(f"{management_url.rstrip('/')}/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}")
+            response.raise_for_status()
+            return response.json().get("messages_unacknowledged")
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def _dlq_reasons(connection: aio_pika.abc.AbstractConnection, pipeline: Pipeline) -> dict:
+    """Browse the DLQ without removing anything: fetch unacked, count, close the channel.
+
+    Closing the channel returns every fetched message to the queue.
+    """
+    reasons: dict[str, int] = {}
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(pipeline.dlq, passive=True)
+        ready = queue.declaration_result.message_count
+        for _ in range(min(ready, DLQ_SCAN_LIMIT)):
+            message = await queue.get(no_ack=False, fail=False, timeout=5)
+            if message is None:
+                break
+            reason = dead_letter_reason(message.headers or {})
+            reasons[reason] = reasons.get(reason, 0) + 1
+    finally:
+        await channel.close()
+    result: dict[str, Any] = {"ready": ready, "reasons": reasons}
+    if ready > DLQ_SCAN_LIMIT:
+        result["reasons_sampled"] = DLQ_SCAN_LIMIT
+    return result
+
+
+def dead_letter_reason(headers: dict) -> str:
+    """Our consumers set x-error-reason; the broker's own dead-lettering (delivery limit) sets x-death."""
+    if "x-error-reason" in headers:
+        reason = headers["x-error-reason"]
+        return reason.decode() if isinstance(reason, bytes) else str(reason)
+    reason = headers.get("x-first-death-reason")
+    if reason:
+        return reason.decode() if isinstance(reason, bytes) else str(reason)
+    return "unknown"
+
+
+def _database_counts(url: str, pipeline: Pipeline) -> dict:
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        inbox = dict.fromkeys(("pending", "done", "failed"), 0)
+        inbox.update(conn.execute(
+            "SELECT status, count(*) FROM inbox WHERE pipeline = %s GROUP BY status", (pipeline.name,)
+        ).fetchall())
+        batches = dict.fromkeys(("pending", "submitted"), 0)
+        batches.update(conn.execute(
+            "SELECT status, count(*) FROM batches WHERE pipeline = %s GROUP BY status", (pipeline.name,)
+        ).fetchall())
+        records = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(pipeline.sink_table))
+        ).fetchone()[0]
+    return {"inbox": inbox, "batches": batches, "sink": {"table": pipeline.sink_table, "records": records}}
+
+
+async def _run_counts(pipeline: Pipeline, since: datetime) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName, FlowRunFilter,
+        FlowRunFilterExpectedStartTime, FlowRunFilterState, FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    flow_name, deployment_name = pipeline.deployment.split("/")
+    async with get_client() as client:
+        async def count(state: str) -> int:
+            return await client.count_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(state.upper())])),
+                    expected_start_time=FlowRunFilterExpectedStartTime(after_=since),
+                ),
+            )
+        counts = await asyncio.gather(*(count(s) for s in RUN_STATES))
+    return {s: n for s, n in zip(RUN_STATES, counts) if n}
+
+
+async def collect(settings, pipelines: list[Pipeline], hours: float) -> dict:
+    since = datetime.now(timezone.utc) - timedelta(hours=hours)
+    out: dict[str, Any] = {"pipelines": {}}
+    connection = await aio_pika.connect(settings.amqp_url, client_properties={"connection_name": "ingest status"})
+    try:
+        for pipeline in pipelines:
+            entry: dict[str, Any] = {}
+            entry["queue"], entry["dlq"] = await _queue_depths(
+                connection, pipeline, settings.rabbitmq_management_url, settings.amqp_url
+            )
+            entry.update(await asyncio.to_thread(_database_counts, settings.database_url, pipeline))
+            try:
+                entry["runs"] = await _run_counts(pipeline, since)
+            except (httpx.HTTPError, OSError, RuntimeError) as exc:
+                entry["runs"] = {"error": f"Prefect API unreachable: {exc}"}
+            out["pipelines"][pipeline.name] = entry
+    finally:
+        await connection.close()
+    return out
+
+
+def render(snapshot: dict) -> str:
+    """A short human-readable view of `collect()`'s snapshot."""
+    lines = []
+    for name, p in snapshot["pipelines"].items():
+        q, dlq = p["queue"], p["dlq"]
+        unacked = "?" if q["unacked"] is None else q["unacked"]
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(dlq["reasons"].items())) or "-"
+        runs = p["runs"].get("error") or ", ".join(f"{s} {n}" for s, n in p["runs"].items()) or "-"
+        lines += [
+            f"pipeline {name}",
+            f"  queue    ready {q['ready']}, unacked {unacked}, consumers {q['consumers']}",
+            f"  dlq      ready {dlq['ready']} ({reasons})",
+            "  inbox    " + ", ".join(f"{s} {n}" for s, n in p["inbox"].items()),
+            "  batches  " + ", ".join(f"{s} {n}" for s, n in p["batches"].items()),
+            f"  runs     {runs}",
+            f"  sink     {p['sink']['table']}: {p['sink']['records']} records",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Store records in the sink and mark them done in the inbox, in one transaction.
+
+The upsert keeps, per record key, the version with the newest occurred_at (ties: the one
+that arrived last), whatever order batches and retries run in; so storing a record twice,
+or an old version after a new one, never changes the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import orjson
+import psycopg
+from psycopg import sql
+
+from ingest.inbox import InboxRecord
+
+# data comes from the inbox, where PostgreSQL parsed the original body: it never passes
+# through Python, so it is stored exactly as sent. DISTINCT ON collapses duplicates
+# inside one statement (ON CONFLICT cannot touch a row twice).
+_UPSERT = """
+WITH input AS (
+    SELECT * FROM unnest(%(keys)s::text[], %(types)s::text[], %(occurred)s::timestamptz[], %(enrichments)s::jsonb[])
+        AS t(message_key, type, occurred_at, enrichment)
+), latest AS (
+    SELECT DISTINCT ON (i.source, i.record_id)
+           i.source, i.record_id, t.type, t.occurred_at, i.body -> 'data' AS data, t.enrichment, i.seq
+    FROM input t JOIN inbox i ON i.pipeline = %(pipeline)s AND i.message_key = t.message_key
+    ORDER BY i.source, i.record_id, t.occurred_at DESC, i.seq DESC
+)
+INSERT INTO {sink} AS r (source, id, type, occurred_at, data, enrichment, ingested_at, flow_run_id, inbox_seq)
+SELECT source, record_id, type, occurred_at, data, enrichment, now(), %(flow_run_id)s, seq FROM latest
+ON CONFLICT (source, id) DO UPDATE SET
+    type = EXCLUDED.type, occurred_at = EXCLUDED.occurred_at, data = EXCLUDED.data,
+    enrichment = EXCLUDED.enrichment, ingested_at = EXCLUDED.ingested_at,
+    flow_run_id = EXCLUDED.flow_run_id, inbox_seq = EXCLUDED.inbox_seq
+WHERE (r.occurred_at, r.inbox_seq) <= (EXCLUDED.occurred_at, EXCLUDED.inbox_seq)
+"""
+
+_MARK_DONE = """
+UPDATE inbox SET status = 'done', error = NULL, attempts = attempts + 1, processed_at = now(), flow_run_id = %s
+WHERE pipeline = %s AND message_key = ANY(%s)
+"""
+
+
+def store(
+    conn: psycopg.Connection,
+    pipeline: str,
+    sink_table: str,
+    records: list[InboxRecord],
+    enrichments: list[dict[str, Any] | None],
+    flow_run_id: UUID | None,
+) -> None:
+    if not records:
+        return
+    keys = [r.message_key for r in records]
+    params = {
+        "pipeline": pipeline,
+        "flow_run_id": flow_run_id,
+        "keys": keys,
+        "types": [r.type for r in records],
+        "occurred": [r.occurred_at for r in records],
+        "enrichments": [None if e is None else orjson.dumps(e).decode() for e in enrichments],
+    }
+    with conn.transaction():
+        conn.execute(sql.SQL(_UPSERT).format(sink=sql.Identifier(sink_table)), params)
+        conn.execute(_MARK_DONE, (flow_run_id, pipeline, keys))
