@@ -42,7 +42,7 @@ class PipelineConsumer:
         self.pipeline = pipeline
         self.app = app
         self.batcher: Batcher[Entry] = Batcher(pipeline.batch)
-        self.incoming: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self.incoming: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self.committing: asyncio.Task | None = None
         self.consumer_tag: str | None = None
 
@@ -62,10 +62,12 @@ class PipelineConsumer:
 
     async def drain(self) -> None:
         """After the consumer is cancelled: handle what was delivered, commit the last batch."""
-        self.loop_task.cancel()
+        # Not cancel(): that could interrupt a commit or a dead-letter publish midway.
+        await self.incoming.put(None)
         await asyncio.gather(self.loop_task, return_exceptions=True)
         while not self.incoming.empty():
-            await self._handle(self.incoming.get_nowait())
+            if (message := self.incoming.get_nowait()) is not None:
+                await self._handle(message)
         await self._flush()
         if self.committing:
             await self.committing
@@ -77,7 +79,16 @@ class PipelineConsumer:
             except TimeoutError:
                 await self._flush()
                 continue
-            await self._handle(message)
+            if message is None:  # drain() asks the loop to end
+                return
+            try:
+                await self._handle(message)
+            except Exception:
+                # A bug, not bad input: the message goes back, and the delivery limit
+                # dead-letters it if it keeps failing; the messages around it go on.
+                log.exception("message %s of %s: unexpected error, returned to the queue",
+                              message.message_id or message.delivery_tag, self.pipeline.name)
+                await message.nack(requeue=True)
             if self.batcher.due:
                 await self._flush()
 
@@ -101,7 +112,7 @@ class PipelineConsumer:
             return
         # One commit at a time keeps the order of batches; the next one fills meanwhile.
         if self.committing:
-            await self.committing
+            await asyncio.shield(self.committing)
         self.committing = asyncio.create_task(self._commit(self.batcher.take()))
 
     async def _commit(self, entries: list[Entry]) -> None:
@@ -177,22 +188,30 @@ class Consumer:
         await self.pool.close()
         log.info("stopped")
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Until asked to stop (0), or until a consume loop dies (1: supervisord restarts us)."""
         await self.startup()
+        stop = asyncio.create_task(self.stopping.wait())
+        loops = [c.loop_task for c in self.consumers]
         try:
-            await self.stopping.wait()
+            done, _ = await asyncio.wait([stop, *loops], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stop.cancel()
             await self.shutdown()
+        failed = [t for t in done if t is not stop and not t.cancelled() and t.exception()]
+        for task in failed:
+            log.critical("%s died: %r", task.get_name(), task.exception())
+        return 1 if failed else 0
 
 
 def run(settings: Settings, pipelines: list[Pipeline]) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
 
-    async def main() -> None:
+    async def main() -> int:
         consumer = Consumer(settings, pipelines)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, consumer.stopping.set)
-        await consumer.run()
+        return await consumer.run()
 
-    asyncio.run(main())
+    raise SystemExit(asyncio.run(main()))

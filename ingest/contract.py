@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -25,10 +26,14 @@ class InvalidMessage(Exception):
         self.error = error
 
 
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
 def _rfc3339_string(value: Any) -> Any:
-    # pydantic would also take numbers (epoch seconds); the contract says RFC 3339 text.
-    if not isinstance(value, str):
-        raise ValueError("must be an RFC 3339 timestamp string, e.g. 2024-05-01T12:00:00Z")
+    # pydantic alone would also take epoch seconds, as numbers or strings, and dates
+    # without seconds; the contract says RFC 3339 text with an offset.
+    if not isinstance(value, str) or not RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 timestamp with an offset, e.g. 2024-05-01T12:00:00Z")
     return value
 
 
@@ -83,7 +88,7 @@ def _parse_json(text: str) -> Any:
         try:
             value = json.loads(text, parse_constant=_reject_constant)
             orjson.dumps(value)  # still refuses lone surrogates, which PostgreSQL cannot store
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # RecursionError: nesting deeper than orjson's limit
             raise InvalidMessage("not_json", f"body is not JSON: {exc}") from None
         return value
 

@@ -90,10 +90,15 @@ def load_pipelines(path: Path) -> dict[str, Pipeline]:
     except tomllib.TOMLDecodeError as exc:
         raise PipelineConfigError(f"{path}: not valid TOML: {exc}") from None
     unknown = set(raw) - {"pipelines"}
-    if unknown:
-        raise PipelineConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected [pipelines.<name>]")
+    tables = raw.get("pipelines") or {}
+    if unknown or not isinstance(tables, dict):
+        raise PipelineConfigError(f"{path}: expected only [pipelines.<name>] tables, found {sorted(raw)}")
     pipelines: dict[str, Pipeline] = {}
-    for name, table in (raw.get("pipelines") or {}).items():
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise PipelineConfigError(f"{path}: pipelines.{name} must be a table ([pipelines.{name}])")
+        if "name" in table:
+            raise PipelineConfigError(f"{path}: pipeline {name!r}: no 'name' key, the table header names it")
         try:
             pipelines[name] = Pipeline(name=name, **table)
         except ValidationError as exc:

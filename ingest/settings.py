@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         PROJECT_ROOT / ".run", description="Where `ingest up` keeps supervisord's socket and pid file."
     )
     log_level: str = Field("INFO", description="Log level of consumers and commands.")
+
+    @field_validator("database_url", "prefect_database_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a URL like postgresql://user:password@host:5432/database")
+        return value
 
     @property
     def prefect_host(self) -> str:

@@ -1,0 +1,134 @@
+"""1,000 messages from a plain AMQP client, good and bad mixed, through the real stack."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+import orjson
+
+from fixtures.stack import Outgoing, wait_for
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def envelope(source: str, i: int, occurred: datetime, version: int) -> dict:
+    return {
+        "id": str(i),
+        "source": source,
+        "type": "Order.Created",
+        "occurred_at": occurred.isoformat().replace("+00:00", "Z"),
+        "data": {"version": version, "n": i, "name": "Zoë Ünïcødé ✓ 日本", "nested": {"items": [i, {"x": None}], "ok": True},
+                 "amount": 12.5, "big": 12345678901234567890},
+        "schema_version": 1,
+    }
+
+
+message = Outgoing
+
+
+def build_messages(source: str, max_bytes: int):
+    """Returns (messages, expected sink data by id, expected dead-letter reasons)."""
+    messages, expected = [], {}
+    for i in range(600):  # base versions, half with a message id
+        body = orjson.dumps(envelope(source, i, T0 + timedelta(seconds=i), 1))
+        content_type = "application/json" if i % 3 else None
+        messages.append(message(body, f"{source}-{i}" if i % 2 else None, content_type))
+        expected[str(i)] = orjson.loads(body)["data"]
+    for i in range(100):  # newer versions win
+        body = orjson.dumps(envelope(source, i, T0 + timedelta(hours=1), 2))
+        messages.append(message(body, f"{source}-{i}-v2" if i % 2 else None))
+        expected[str(i)] = orjson.loads(body)["data"]
+    for i in range(100, 150):  # older versions never overwrite
+        messages.append(message(orjson.dumps(envelope(source, i, T0 - timedelta(hours=1), 0)), f"{source}-{i}-old"))
+    for i in range(200, 300):  # exact redeliveries / repeated publishes
+        original = messages[i]
+        messages.append(message(original.body, original.message_id, original.content_type))
+    bad: list[tuple[str, Outgoing]] = []
+    bad += [("not_json", message(b'{"id": "x", oops}', f"{source}-bad-json-{k}")) for k in range(30)]
+    bad += [("not_utf8", message(b'{"id": "\xff\xfe"}' + bytes([k]), None)) for k in range(20)]
+    bad += [("not_object", message(orjson.dumps([source, k]), None)) for k in range(20)]
+    for k in range(50):
+        broken = envelope(source, 10_000 + k, T0, 1)
+        if k % 5 == 0:
+            broken["occurred_at"] = "yesterday"
+        elif k % 5 == 1:
+            broken["id"] = k
+        elif k % 5 == 2:
+            broken["data"] = "text"
+        elif k % 5 == 3:
+            broken["extra"] = True
+        else:
+            del broken["source"]
+        bad.append(("invalid", message(orjson.dumps(broken), f"{source}-invalid-{k}")))
+    for k in range(15):
+        huge = envelope(source, 20_000 + k, T0, 1)
+        huge["data"]["blob"] = "x" * (max_bytes + 1)
+        bad.append(("too_large", message(orjson.dumps(huge), f"{source}-huge-{k}")))
+    bad += [("unsupported_content_type", message(orjson.dumps(envelope(source, 30_000 + k, T0, 1)),
+                                                 f"{source}-xml-{k}", "application/xml")) for k in range(15)]
+    messages += [m for _, m in bad]
+    random.Random(7).shuffle(messages)
+    return messages, expected, Counter(reason for reason, _ in bad), bad
+
+
+def test_thousand_messages_end_up_exactly_once(stack):
+    pipeline = stack.pipeline("main")
+    source = f"e2e-{uuid.uuid4().hex[:8]}"
+    max_bytes = int(stack.env["INGEST_MAX_MESSAGE_BYTES"])
+    messages, expected, reasons, bad = build_messages(source, max_bytes)
+    assert len(messages) == 1000
+
+    started = time.monotonic()
+    stack.publish(pipeline.name, messages)
+    sink_query = f"SELECT id, data, type, occurred_at FROM {pipeline.sink_table} WHERE source = %s"
+    wait_for(lambda: len(stack.query(sink_query, (source,))) == len(expected)
+             and stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND status <> 'done'",
+                              (pipeline.name,)) == 0,
+             180, "all valid records stored", stack)
+    elapsed = time.monotonic() - started
+    print(f"\n1,000 messages: first publish to last stored in {elapsed:.1f}s")
+
+    # The sink: exactly the unique valid records, newest version, data as sent.
+    rows = {row[0]: row for row in stack.query(sink_query, (source,))}
+    assert set(rows) == set(expected)
+    for record_id, data in expected.items():
+        assert rows[record_id][1] == data, record_id
+    assert {row[2] for row in rows.values()} == {"order.created"}
+    assert rows["5"][3] == T0 + timedelta(hours=1)
+    assert rows["120"][1]["version"] == 1  # the older version published later lost
+
+    # The inbox: one row per distinct message key (600 + 100 + 50), all done.
+    assert stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND status = 'done'",
+                        (pipeline.name,)) == 750
+
+    # The DLQ: exactly the bad messages, with the right reasons and their properties kept.
+    letters = wait_for(lambda: (found := stack.dead_letters(pipeline)) and len(found) >= len(bad) and found,
+                       60, "dead letters", stack)
+    assert len(letters) == len(bad)
+    assert Counter(m.headers["x-error-reason"] for m in letters) == reasons
+    assert all(m.headers["x-error"] for m in letters)
+    by_id = {m.message_id: m for m in letters if m.message_id}
+    assert by_id[f"{source}-xml-3"].content_type == "application/xml"
+    assert "occurred_at" in next(m.headers["x-error"] for m in letters
+                                 if m.message_id == f"{source}-invalid-0")
+
+    # One flow run per batch, all completed.
+    runs = stack.wait_for_runs_final(pipeline)
+    batches = stack.query("SELECT batch_id, flow_run_id, status FROM batches WHERE pipeline = %s", (pipeline.name,))
+    assert all(status == "submitted" for _, _, status in batches)
+    assert sorted(str(r.id) for r in runs) == sorted(str(run_id) for _, run_id, _ in batches)
+    assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
+    assert sum(stack.scalar("SELECT record_count FROM batches WHERE batch_id = %s", (b,)) for b, _, _ in batches) == 750
+
+    # `ingest status --json` tells the same story.
+    status = orjson.loads(stack.ingest("status", "--json", "-p", pipeline.name).stdout)["pipelines"][pipeline.name]
+    assert status["queue"]["ready"] == 0
+    assert status["dlq"]["ready"] == len(bad) and status["dlq"]["reasons"] == dict(reasons)
+    assert status["inbox"]["done"] == 750 and status["inbox"]["failed"] == 0
+    assert status["batches"] == {"pending": 0, "submitted": len(batches)}
+    assert status["runs"] == {"completed": len(runs)}
+    assert status["sink"] == {"table": pipeline.sink_table, "records": 600}

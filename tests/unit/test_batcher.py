@@ -1,0 +1,118 @@
+"""Micro-batching by count, bytes and linger, driven by a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumers.batcher import Batcher
+from ingest.pipelines import Batching
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def batcher(clock) -> Batcher[str]:
+    return Batcher(Batching(max_records=3, max_bytes=100, max_linger_ms=500), clock=clock)
+
+
+def test_empty_batcher(batcher):
+    assert batcher.items == []
+    assert batcher.bytes == 0
+    assert batcher.full is False
+    assert batcher.due is False
+    assert batcher.seconds_left() is None
+
+
+def test_full_by_count(batcher):
+    batcher.add("a", 1)
+    batcher.add("b", 1)
+    assert batcher.full is False
+    assert batcher.due is False
+
+    batcher.add("c", 1)
+
+    assert batcher.full is True
+    assert batcher.due is True
+
+
+def test_full_by_bytes(batcher):
+    batcher.add("a", 60)
+    assert batcher.bytes == 60
+    assert batcher.full is False
+
+    batcher.add("b", 40)
+
+    assert batcher.bytes == 100
+    assert len(batcher.items) == 2
+    assert batcher.full is True
+    assert batcher.due is True
+
+
+def test_one_oversized_item_fills_the_batch(batcher):
+    batcher.add("big", 1000)
+
+    assert batcher.full is True
+
+
+def test_due_after_linger(batcher, clock):
+    batcher.add("a", 1)
+    clock.now += 0.499
+    assert batcher.due is False
+
+    clock.now += 0.001
+
+    assert batcher.seconds_left() == 0.0
+    assert batcher.full is False
+    assert batcher.due is True
+
+
+def test_seconds_left_counts_down_from_the_first_item(batcher, clock):
+    batcher.add("a", 1)
+    assert batcher.seconds_left() == pytest.approx(0.5)
+
+    clock.now += 0.2
+    batcher.add("b", 1)  # a later item does not restart the linger
+    assert batcher.seconds_left() == pytest.approx(0.3)
+
+    clock.now += 0.2
+    assert batcher.seconds_left() == pytest.approx(0.1)
+
+    clock.now += 5
+    assert batcher.seconds_left() == 0.0
+
+
+def test_take_returns_items_in_order_and_resets(batcher, clock):
+    for item in ("a", "b", "c"):
+        batcher.add(item, 10)
+
+    assert batcher.take() == ["a", "b", "c"]
+
+    assert batcher.items == []
+    assert batcher.bytes == 0
+    assert batcher.full is False
+    assert batcher.due is False
+    assert batcher.seconds_left() is None
+    assert batcher.take() == []
+
+
+def test_linger_restarts_for_the_next_batch(batcher, clock):
+    batcher.add("a", 1)
+    clock.now += 10
+    assert batcher.due is True
+    batcher.take()
+
+    batcher.add("b", 1)
+
+    assert batcher.due is False
+    assert batcher.seconds_left() == pytest.approx(0.5)
