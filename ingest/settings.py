@@ -37,7 +37,13 @@ class Settings(BaseSettings):
     )
     prefect_api_url: str = Field(
         "http://127.0.0.1:4200/api",
-        description="Prefect API; the server started by `ingest up` binds to its host and port.",
+        description="Prefect API that every process calls; the server started by `ingest up` listens on its port.",
+    )
+    prefect_server_host: str | None = Field(
+        None,
+        description="Interface the Prefect server binds to; default: the host of prefect_api_url. "
+        "In a container 0.0.0.0, so that a proxy in another container reaches it while the "
+        "processes beside it keep calling 127.0.0.1.",
     )
     pipelines_file: Path = Field(
         PROJECT_ROOT / "pipelines.toml",
@@ -79,6 +85,10 @@ class Settings(BaseSettings):
         return urlsplit(self.prefect_api_url).hostname or "127.0.0.1"
 
     @property
+    def prefect_bind_host(self) -> str:
+        return self.prefect_server_host or self.prefect_host
+
+    @property
     def prefect_port(self) -> int:
         return urlsplit(self.prefect_api_url).port or 4200
 
@@ -91,7 +101,7 @@ class Settings(BaseSettings):
         """PREFECT_* variables for every process: INGEST_* settings are the one source of truth."""
         return {
             "PREFECT_API_URL": self.prefect_api_url,
-            "PREFECT_SERVER_API_HOST": self.prefect_host,
+            "PREFECT_SERVER_API_HOST": self.prefect_bind_host,
             "PREFECT_SERVER_API_PORT": str(self.prefect_port),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.prefect_server_database_url,
             "PREFECT_WORKER_QUERY_SECONDS": str(self.worker_poll_seconds),

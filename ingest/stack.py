@@ -64,7 +64,7 @@ def exec_prefect_server(settings: Settings) -> None:
     db.ensure_database(settings.prefect_database_url)
     os.environ.update(settings.prefect_environment())
     os.execv(BIN / "prefect", ["prefect", "server", "start",
-                              "--host", settings.prefect_host, "--port", str(settings.prefect_port)])
+                              "--host", settings.prefect_bind_host, "--port", str(settings.prefect_port)])
 
 
 def exec_prefect_worker(settings: Settings) -> None:
