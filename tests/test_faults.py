@@ -1,0 +1,80 @@
+"""Faults on the core path: a consumer killed mid-batch, the Prefect server down."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import orjson
+
+from fixtures.stack import Outgoing, wait_for
+
+
+def records(source: str, count: int) -> list[Outgoing]:
+    return [
+        Outgoing(orjson.dumps({"id": str(i), "source": source, "type": "reading", "occurred_at": "2024-05-01T00:00:00Z",
+                               "data": {"value": i, "unit": "°C"}}), f"{source}-{i}")
+        for i in range(count)
+    ]
+
+
+def assert_exactly_once(stack, pipeline, source: str, count: int) -> None:
+    """Every record stored once, every inbox row done, one completed flow run per batch."""
+    wait_for(lambda: stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,)) == count
+             and stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND status <> 'done'",
+                              (pipeline.name,)) == 0,
+             240, f"{count} records of {source} stored", stack)
+    assert stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND source = %s",
+                        (pipeline.name, source)) == count
+    runs = stack.wait_for_runs_final(pipeline)
+    batches = stack.query("SELECT flow_run_id, record_count FROM batches WHERE pipeline = %s", (pipeline.name,))
+    assert sum(n for _, n in batches) == count
+    assert sorted(str(r.id) for r in runs) == sorted(str(run_id) for run_id, _ in batches)
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
+    assert stack.queue_depth(pipeline.queue) == 0
+
+
+def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(stack):
+    pipeline = stack.pipeline("kill")
+    source = f"kill-{uuid.uuid4().hex[:8]}"
+    consumer = stack.start("consumer-kill", "consumer", "-p", pipeline.name)
+    messages = records(source, 3000)
+    publisher = threading.Thread(target=stack.publish, args=(pipeline.name, messages))
+    publisher.start()
+    # Kill while batches are being committed and more messages are in flight.
+    wait_for(lambda: stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s", (pipeline.name,)) >= 300,
+             60, "the first batches committed", stack, interval=0.05)
+    consumer.kill()
+    committed_at_kill = stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s", (pipeline.name,))
+    publisher.join()
+    assert committed_at_kill < 3000, "the consumer was killed too late to test anything"
+    stack.start("consumer-kill", "consumer", "-p", pipeline.name)
+
+    assert_exactly_once(stack, pipeline, source, 3000)
+
+
+def test_prefect_server_down_messages_wait_in_the_inbox(stack):
+    pipeline = stack.pipeline("outage")
+    source = f"outage-{uuid.uuid4().hex[:8]}"
+    server = stack.processes["server"]
+    server.stop()
+    try:
+        stack.publish(pipeline.name, records(source, 500))
+        # The queue drains into the inbox although no flow run can be created...
+        wait_for(lambda: stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s", (pipeline.name,)) == 500
+                 and stack.queue_depth(pipeline.queue) == 0, 60, "the queue drained into the inbox", stack)
+        # ...and the batches wait, pending, retried with backoff.
+        wait_for(lambda: stack.scalar("SELECT count(*) FROM batches WHERE pipeline = %s AND attempts > 0",
+                                      (pipeline.name,)) > 0, 60, "submission attempts", stack)
+        assert stack.scalar("SELECT count(*) FROM batches WHERE pipeline = %s AND status = 'submitted'",
+                            (pipeline.name,)) == 0
+        error = stack.scalar("SELECT last_error FROM batches WHERE pipeline = %s AND last_error IS NOT NULL LIMIT 1",
+                             (pipeline.name,))
+        assert error
+    finally:
+        stack.start("server", "server")
+    # Once the server is back, every batch gets its one flow run and everything is stored.
+    if not stack.processes["worker"].alive:  # under supervisord it would be restarted
+        stack.start("worker", "worker")
+    assert_exactly_once(stack, pipeline, source, 500)
