@@ -110,6 +110,14 @@ def up() -> None:
     raise typer.Exit(run_stack(get_settings(), _pipelines()))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ctl(context: typer.Context) -> None:
+    """supervisorctl for the stack `ingest up` runs, e.g. `ingest ctl status`, `ingest ctl restart consumer:*`."""
+    from ingest.stack import exec_supervisorctl
+
+    exec_supervisorctl(get_settings(), context.args)
+
+
 @app.command()
 def server() -> None:
     """Run the Prefect server on its PostgreSQL database (a program of supervisord.conf)."""

@@ -60,6 +60,11 @@ def run_stack(settings: Settings, pipelines: list[Pipeline]) -> int:
     return supervisord.wait()
 
 
+def exec_supervisorctl(settings: Settings, args: list[str]) -> None:
+    os.execve(BIN / "supervisorctl", ["supervisorctl", "-c", str(PROJECT_ROOT / "supervisord.conf"), *args],
+              stack_environment(settings))
+
+
 def exec_prefect_server(settings: Settings) -> None:
     db.ensure_database(settings.prefect_database_url)
     os.environ.update(settings.prefect_environment())
