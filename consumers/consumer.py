@@ -140,7 +140,8 @@ class PipelineConsumer:
                             message.message_id or message.delivery_tag, exc)
         duplicates = len(entries) - inserted
         if not inserted:
-            log.info("%d redelivered message(s) of %s already in the inbox: acked", len(entries), self.pipeline.name)
+            log.info("%d message(s) of %s already in the inbox (redelivered or published again): acked",
+                     len(entries), self.pipeline.name)
             return
         log.info(
             "batch %s (%s): %d records committed%s, messages %s..%s",
