@@ -6,6 +6,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import ObjectNotFound
+from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
 from ingest.pipelines import Pipeline
@@ -30,20 +31,33 @@ async def ensure_work_pool(name: str) -> bool:
 
 
 async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[str]:
-    """Create or update one `ingest/<pipeline>` deployment per pipeline; return their names."""
+    """Create or update, per pipeline, `ingest/<pipeline>` and the scheduled `backfill/<pipeline>`."""
+    from flows.backfill import backfill
     from flows.ingest import ingest
 
     names = []
     for pipeline in pipelines:
-        deployment = await ingest.ato_deployment(
-            name=pipeline.name,
-            parameters={"pipeline": pipeline.name},
-            description=f"Processes batches of pipeline {pipeline.name!r} (created by its consumers).",
-            tags=["ingest", f"pipeline:{pipeline.name}"],
-            # A module path, not a file path: the worker imports the installed package.
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            work_pool_name=work_pool,
-        )
-        await deployment.aapply(work_pool_name=work_pool)
-        names.append(pipeline.deployment)
+        tags = ["ingest", f"pipeline:{pipeline.name}"]
+        deployments = [
+            await ingest.ato_deployment(
+                name=pipeline.name,
+                parameters={"pipeline": pipeline.name},
+                description=f"Processes batches of pipeline {pipeline.name!r} (created by its consumers).",
+                tags=tags,
+                # A module path, not a file path: the worker imports the installed package.
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            ),
+            await backfill.ato_deployment(
+                name=pipeline.name,
+                parameters={"pipeline": pipeline.name, "mode": pipeline.backfill_mode},
+                schedule=Cron(pipeline.backfill_cron, timezone="UTC") if pipeline.backfill_cron else None,
+                description=f"Reprocesses a window of pipeline {pipeline.name!r}; by default the previous "
+                f"UTC day, mode {pipeline.backfill_mode!r}.",
+                tags=tags,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            ),
+        ]
+        for deployment in deployments:
+            await deployment.aapply(work_pool_name=work_pool)
+        names += [pipeline.deployment, pipeline.backfill_deployment]
     return names

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -169,6 +170,59 @@ def publish(
     published, failed = publish_lines(get_settings(), file if stream is None else None, pipeline, concurrency, message_id_field)
     typer.echo(f"published {published}, failed {failed}")
     if failed:
+        raise typer.Exit(1)
+
+
+def _when(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    from ingest.backfill import as_utc
+
+    try:
+        return as_utc(datetime.fromisoformat(value))
+    except ValueError:
+        raise _fail(f"--{name} {value!r} is not an ISO 8601 date or time (e.g. 2024-05-01 or 2024-05-01T06:00:00Z)", 2)
+
+
+@app.command("backfill")
+def backfill_command(
+    pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="The pipeline to reprocess.")],
+    start: Annotated[Optional[str], typer.Option(help="Window start (inclusive); default: yesterday 00:00 UTC.")] = None,
+    end: Annotated[Optional[str], typer.Option(help="Window end (exclusive); default: today 00:00 UTC.")] = None,
+    mode: Annotated[str, typer.Option(help="`failed`: failed or stuck records; `all`: every record.")] = "failed",
+    by: Annotated[str, typer.Option(help="`occurred` (occurred_at) or `received` (arrival time).")] = "occurred",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the run to its end, with progress.")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be reprocessed.")] = False,
+) -> None:
+    """Reprocess a window of records through a run of deployment backfill/<pipeline>.
+
+    The run shows in the Prefect UI with its parameters. It regroups the records into
+    batches and creates ingest runs for them; retrying it creates nothing new.
+    """
+    from datetime import timezone
+
+    from ingest import backfill_cli
+    from ingest.backfill import Window, previous_day
+
+    if mode not in ("failed", "all") or by not in ("occurred", "received"):
+        raise _fail("--mode is `failed` or `all`; --by is `occurred` or `received`", 2)
+    config = _pipelines([pipeline])[0]
+    default_start, default_end = previous_day(datetime.now(timezone.utc))
+    try:
+        window = Window(_when(start, "start") or default_start, _when(end, "end") or default_end, by)
+    except ValueError as exc:
+        raise _fail(str(exc), 2)
+    settings = get_settings()
+    if dry_run:
+        backfill_cli.dry_run(settings, config, window, mode)
+        return
+    try:
+        run_id, name = backfill_cli.start(config, window, mode, by)
+    except Exception as exc:
+        raise _fail(f"could not create the backfill run ({type(exc).__name__}: {exc}); did `ingest bootstrap` run?")
+    typer.echo(f"backfill run {name} ({run_id}) created: {config.name} {window}, mode {mode}")
+    typer.echo(f"  {settings.prefect_api_url.removesuffix('/api')}/runs/flow-run/{run_id}")
+    if wait and not backfill_cli.wait(settings, run_id):
         raise typer.Exit(1)
 
 

@@ -98,6 +98,7 @@ async def claim_due_batches(
         WHERE batch_id IN (
             SELECT batch_id FROM batches
             WHERE status = 'pending' AND next_attempt_at <= now() AND pipeline = ANY(%s)
+              AND origin = 'consumer' 
             ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED)
         RETURNING batch_id, pipeline, attempts
         """,
@@ -106,13 +107,16 @@ async def claim_due_batches(
     return await cur.fetchall()
 
 
+# A batch is submitted once its flow run exists (by a consumer, or by its backfill run).
+MARK_SUBMITTED = """
+UPDATE batches SET status = 'submitted', flow_run_id = %(flow_run_id)s, submitted_at = now(),
+       attempts = attempts + 1, last_error = NULL
+WHERE batch_id = %(batch_id)s AND status = 'pending'
+"""
+
+
 async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run_id: UUID) -> None:
-    await conn.execute(
-        """UPDATE batches SET status = 'submitted', flow_run_id = %s, submitted_at = now(),
-               attempts = attempts + 1, last_error = NULL
-           WHERE batch_id = %s""",
-        (flow_run_id, batch_id),
-    )
+    await conn.execute(MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": flow_run_id})
 
 
 async def defer_batch(conn: psycopg.AsyncConnection, batch_id: UUID, error: str, delay_seconds: float) -> None:

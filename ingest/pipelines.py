@@ -18,6 +18,7 @@ TABLE_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
 EXCHANGE = "ingest"
 DEAD_LETTER_EXCHANGE = "ingest.dlx"
 INGEST_FLOW = "ingest"
+BACKFILL_FLOW = "backfill"
 
 
 class _Strict(BaseModel):
@@ -55,6 +56,14 @@ class Pipeline(_Strict):
     delivery_limit: int = Field(
         5, ge=1, description="Deliveries before the broker dead-letters a message that keeps crashing consumers."
     )
+    backfill_cron: str | None = Field(
+        "0 3 * * *", description="Schedule of the backfill deployment (cron, UTC); empty: no schedule."
+    )
+    backfill_mode: Literal["failed", "all"] = Field("failed", description="Mode of the scheduled backfill.")
+    backfill_concurrency: int = Field(4, ge=1, description="Ingest runs a backfill keeps in flight at once.")
+    stuck_after_seconds: float = Field(
+        3600, gt=0, description="A record still pending this long after it arrived counts as stuck."
+    )
     batch: Batching = Batching()
     enrich: Enrichment | None = None
 
@@ -70,6 +79,10 @@ class Pipeline(_Strict):
     def deployment(self) -> str:
         """`flow/deployment`, as Prefect names it."""
         return f"{self.flow}/{self.name}"
+
+    @property
+    def backfill_deployment(self) -> str:
+        return f"{BACKFILL_FLOW}/{self.name}"
 
     @property
     def prefetch(self) -> int:

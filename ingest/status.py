@@ -3,8 +3,8 @@
 The JSON shape is a stable monitoring interface:
 {"pipelines": {"<name>": {"queue": {"ready", "unacked" (null without the management API), "consumers"},
                            "dlq": {"ready", "reasons": {reason: count}},
-                           "inbox": {"pending", "done", "failed"},
-                           "batches": {"pending", "submitted"},
+                           "inbox": {"pending", "done", "failed", "stuck"},
+                           "batches": {"pending", "submitted", "stale"},
                            "runs": {state: count} | {"error": str},
                            "sink": {"table", "records"}}}}
 """
@@ -97,6 +97,14 @@ def _database_counts(url: str, pipeline: Pipeline) -> dict:
         batches.update(conn.execute(
             "SELECT status, count(*) FROM batches WHERE pipeline = %s GROUP BY status", (pipeline.name,)
         ).fetchall())
+        # What the scheduled backfill (mode failed) re-drives: see ingest/backfill.py.
+        inbox["stuck"], batches["stale"] = conn.execute(
+            """SELECT (SELECT count(*) FROM inbox WHERE pipeline = %(p)s AND status = 'pending'
+                           AND received_at < now() - make_interval(secs => %(s)s)),
+                      (SELECT count(*) FROM batches WHERE pipeline = %(p)s AND status = 'pending'
+                           AND created_at < now() - make_interval(secs => %(s)s))""",
+            {"p": pipeline.name, "s": pipeline.stuck_after_seconds},
+        ).fetchone()
         records = conn.execute(
             sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(pipeline.sink_table))
         ).fetchone()[0]

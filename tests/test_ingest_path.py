@@ -129,6 +129,7 @@ def test_thousand_messages_end_up_exactly_once(stack):
     assert status["queue"]["ready"] == 0
     assert status["dlq"]["ready"] == len(bad) and status["dlq"]["reasons"] == dict(reasons)
     assert status["inbox"]["done"] == 750 and status["inbox"]["failed"] == 0
-    assert status["batches"] == {"pending": 0, "submitted": len(batches)}
+    assert status["batches"] == {"pending": 0, "submitted": len(batches), "stale": 0}
+    assert status["inbox"]["stuck"] == 0
     assert status["runs"] == {"completed": len(runs)}
     assert status["sink"] == {"table": pipeline.sink_table, "records": 600}
