@@ -17,6 +17,7 @@ from uuid import uuid4
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
@@ -117,21 +118,15 @@ class PipelineConsumer:
 
     async def _commit(self, entries: list[Entry]) -> None:
         batch_id = uuid4()
-        accepted = [a for a, _ in entries]
-        inserted = 0
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(Exception),
-            wait=wait_random_exponential(multiplier=0.5, max=10),
-            before_sleep=lambda rs: log.warning(
-                "batch %s (%s): inbox write failed, retrying: %s",
-                batch_id, self.pipeline.name, rs.outcome.exception(),
-            ),
-        ):
-            with attempt:
-                async with self.app.pool.connection() as conn:
-                    inserted = await inbox.write_batch(
-                        conn, self.pipeline.name, batch_id, accepted, self.app.settings.stuck_batch_seconds
-                    )
+        try:
+            inserted = await self._write(batch_id, entries)
+        except psycopg.DataError:
+            # A value PostgreSQL refuses that the contract check let through must not block
+            # the batch: dead-letter those messages, write the others.
+            entries = await self._dead_letter_refused(entries)
+            if not entries:
+                return
+            inserted = await self._write(batch_id, entries)
         for _, message in entries:
             try:
                 await message.ack()
@@ -150,6 +145,35 @@ class PipelineConsumer:
             entries[0][0].message_key[:24], entries[-1][0].message_key[:24],
         )
         self.app.submitter.submit_soon(batch_id, self.pipeline.name)
+
+
+    async def _write(self, batch_id, entries: list[Entry]) -> int:
+        """Write the batch, retrying for as long as the database is unreachable."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((psycopg.OperationalError, psycopg.InterfaceError)),
+            wait=wait_random_exponential(multiplier=0.5, max=10),
+            before_sleep=lambda rs: log.warning(
+                "batch %s (%s): inbox write failed, retrying: %s",
+                batch_id, self.pipeline.name, rs.outcome.exception(),
+            ),
+        ):
+            with attempt:
+                async with self.app.pool.connection() as conn:
+                    return await inbox.write_batch(
+                        conn, self.pipeline.name, batch_id, [a for a, _ in entries],
+                        self.app.settings.stuck_batch_seconds,
+                    )
+
+    async def _dead_letter_refused(self, entries: list[Entry]) -> list[Entry]:
+        kept = []
+        async with self.app.pool.connection() as conn:
+            for accepted, message in entries:
+                refusal = await inbox.refusal(conn, accepted)
+                if refusal is None:
+                    kept.append((accepted, message))
+                else:
+                    await self.deadletterer.reject(message, InvalidMessage("invalid", f"PostgreSQL refused it: {refusal}"))
+        return kept
 
 
 class Consumer:

@@ -88,6 +88,18 @@ async def write_batch(
     return inserted
 
 
+async def refusal(conn: psycopg.AsyncConnection, accepted: Accepted) -> str | None:
+    """Why PostgreSQL would refuse this record's values, or None."""
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT %s::jsonb, %s::timestamptz, %s::text, %s::text, %s::text",
+                               (accepted.body.decode("utf-8"), accepted.record.occurred_at, accepted.record.source,
+                                accepted.record.id, accepted.record.type))
+    except psycopg.DataError as exc:
+        return str(exc).strip()
+    return None
+
+
 async def claim_due_batches(
     conn: psycopg.AsyncConnection, pipelines: list[str], lease_seconds: float, limit: int = 50
 ) -> list[tuple[UUID, str, int]]:

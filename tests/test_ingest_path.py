@@ -133,3 +133,20 @@ def test_thousand_messages_end_up_exactly_once(stack):
     assert status["inbox"]["stuck"] == 0
     assert status["runs"] == {"completed": len(runs)}
     assert status["sink"] == {"table": pipeline.sink_table, "records": 600}
+
+
+def test_a_value_postgresql_refuses_is_dead_lettered_and_its_batch_goes_on(stack):
+    """1e400000 is valid JSON and passes the contract, but overflows PostgreSQL's numeric."""
+    pipeline = stack.pipeline("main")
+    source = f"refused-{uuid.uuid4().hex[:8]}"
+    good = [Outgoing(orjson.dumps(envelope(source, i, T0, 1)), f"{source}-{i}") for i in range(20)]
+    bad = Outgoing(orjson.dumps(envelope(source, 99, T0, 1)).replace(b'"amount":12.5', b'"amount":1e400000'),
+                   f"{source}-overflow")
+    stack.publish(pipeline.name, good[:10] + [bad] + good[10:])
+    wait_for(lambda: stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,)) == 20,
+             120, "the good records stored", stack)
+    letter = wait_for(lambda: next((m for m in stack.dead_letters(pipeline) if m.message_id == f"{source}-overflow"),
+                                   None), 60, "the refused message dead-lettered", stack)
+    assert letter.headers["x-error-reason"] == "invalid"
+    assert "PostgreSQL refused it" in letter.headers["x-error"]
+    assert stack.scalar("SELECT count(*) FROM inbox WHERE message_key = %s", (f"id:{source}-overflow",)) == 0
