@@ -1,1 +1,1 @@
-"""Prefect flows: `ingest` (one batch) and the deployments generated from the pipeline config."""
+"""Prefect flows: `ingest` (one batch), `backfill` (a window), and their deployments."""
