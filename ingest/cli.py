@@ -247,5 +247,14 @@ def status(
     typer.echo(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2).decode() if json_output else render(snapshot))
 
 
+def _register_replay() -> None:
+    # Its module imports only typer at the top, like this one: `ingest --help` stays fast.
+    from ingest.replay import replay_app
+
+    app.add_typer(replay_app, name="replay")
+
+
+_register_replay()
+
 if __name__ == "__main__":
     app()

@@ -66,6 +66,10 @@ class Publisher:
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
+        await self.publish_message(message, pipeline)
+
+    async def publish_message(self, message: aio_pika.Message, pipeline: str) -> None:
+        """`publish()` for a message the caller built with all its properties (a re-driven dead letter)."""
         async for attempt in AsyncRetrying(
             retry=retry_if_not_exception_type(Unroutable),
             wait=wait_random_exponential(multiplier=0.2, max=5),

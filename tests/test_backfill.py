@@ -31,7 +31,7 @@ def run_backfill(stack, pipeline, *args: str) -> str:
 
 
 def test_backfill_redrives_failed_and_stuck_records_once(stack):
-    pipeline = stack.pipeline("main")
+    pipeline = stack.pipeline("backfill")
     source = f"backfill-{uuid.uuid4().hex[:8]}"
     stack.publish(pipeline.name, [
         Outgoing(orjson.dumps({"id": str(i), "source": source, "type": "t", "data": {"i": i},
@@ -72,7 +72,7 @@ def test_backfill_redrives_failed_and_stuck_records_once(stack):
 
 
 def test_backfill_of_everything_twice_reprocesses_without_duplicates(stack):
-    pipeline = stack.pipeline("main")
+    pipeline = stack.pipeline("backfill")
     in_window = stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND occurred_at >= '2030-01-01' "
                              "AND occurred_at < '2030-01-02'", (pipeline.name,))
     assert in_window, "runs after the test above, which published the window's records"
