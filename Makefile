@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test status clean
+.PHONY: install system-deps run test bench status clean
 
 # The venv is rebuilt when the pins change; requirements*.lock pin the whole tree.
 $(BIN)/ingest: pyproject.toml requirements.lock requirements-test.lock
@@ -19,10 +19,28 @@ install: $(BIN)/ingest
 run: install
 	$(BIN)/ingest up
 
+# nginx and Chromium, which tests/test_nginx.py runs for real (the proxy, and the UI in a
+# browser): installed from the distribution's packages when missing, a no-op otherwise.
+SYSTEM_TOOLS := nginx chromium
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing$$missing with apt-get"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+
 # Unit tests and tests against the real PostgreSQL, RabbitMQ and a Prefect server and
-# worker the tests start themselves.
-test: install
+# worker the tests start themselves, and nginx in front of one.
+test: install system-deps
 	$(BIN)/python -m pytest
+
+# End-to-end throughput, latency and memory against a bare consumer, on the real stack it
+# starts itself; prints a table and writes bench/results.json (5 to 15 minutes).
+bench: install
+	$(BIN)/python bench/run.py
 
 status: install
 	$(BIN)/ingest status

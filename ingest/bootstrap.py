@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 import time
 
 import httpx
@@ -49,10 +51,16 @@ def wait_for_prefect(settings: Settings, timeout: float) -> None:
     """Block until the Prefect API answers its health check, or raise TimeoutError."""
     deadline = time.monotonic() + timeout
     url = settings.prefect_api_url.rstrip("/") + "/health"
+    # Prefect answers /health without credentials, but a proxy in front of it (nginx) does not.
+    secret = settings.prefect_auth_string.get_secret_value() if settings.prefect_auth_string else ""
+    auth = httpx.BasicAuth(*secret.split(":", 1)) if ":" in secret else None
+    # Trust what Prefect's own client trusts (e.g. the proxy's self-signed certificate).
+    cafile = os.environ.get("PREFECT_API_SSL_CERT_FILE")
+    verify = ssl.create_default_context(cafile=cafile) if cafile else True
     last_error = "no answer yet"
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=5).status_code == 200:
+            if httpx.get(url, timeout=5, auth=auth, verify=verify).status_code == 200:
                 return
             last_error = "health check did not answer 200"
         except httpx.HTTPError as exc:

@@ -75,6 +75,9 @@ def schema() -> None:
 @app.command()
 def bootstrap(
     skip_prefect: Annotated[bool, typer.Option(help="Only databases, migrations and queues.")] = False,
+    prefect_only: Annotated[
+        bool, typer.Option(help="Only the work pool and deployments (CI/CD: needs only the Prefect API).")
+    ] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the Prefect API to answer.")] = 0,
 ) -> None:
     """Create databases, run migrations, declare queues, create the work pool and deployments.
@@ -84,11 +87,14 @@ def bootstrap(
     from ingest import bootstrap as steps
     from ingest.db import DatabaseUnavailable
 
+    if skip_prefect and prefect_only:
+        raise _fail("--skip-prefect and --prefect-only exclude each other", 2)
     _setup_logging()
     settings, pipelines = get_settings(), _pipelines()
     try:
-        steps.prepare_storage(settings, pipelines)
-        steps.declare_queues(settings, pipelines)
+        if not prefect_only:
+            steps.prepare_storage(settings, pipelines)
+            steps.declare_queues(settings, pipelines)
         if not skip_prefect:
             steps.wait_for_prefect(settings, wait or 5)
             steps.register_deployments(settings, pipelines)

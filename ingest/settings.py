@@ -6,11 +6,13 @@ configuration at all; production sets the URLs (and secrets) through the environ
 
 from __future__ import annotations
 
+import base64
+import json
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +47,21 @@ class Settings(BaseSettings):
         "In a container 0.0.0.0, so that a proxy in another container reaches it while the "
         "processes beside it keep calling 127.0.0.1.",
     )
+    prefect_auth_string: SecretStr | None = Field(
+        None,
+        description="`user:password` the Prefect API requires (PREFECT_SERVER_API_AUTH_STRING for the server) and "
+        "every process sends (PREFECT_API_AUTH_STRING). nginx's htpasswd holds the same user and password, "
+        "because Prefect's clients send it as HTTP basic auth. Unset: the API is open (local development).",
+    )
     pipelines_file: Path = Field(
         PROJECT_ROOT / "pipelines.toml",
         description="The pipeline config: queues, deployments and schedules are generated from it.",
     )
     work_pool: str = Field("ingest", description="Prefect process work pool the deployments run on.")
     consumers: int = Field(2, ge=1, description="Consumer processes started by `ingest up`.")
+    workers: int = Field(
+        1, ge=1, description="Prefect worker processes started by `ingest up`; more hosts can add their own."
+    )
     max_message_bytes: int = Field(
         1024 * 1024, ge=1, description="Larger messages are dead-lettered as `too_large`."
     )
@@ -106,6 +117,27 @@ class Settings(BaseSettings):
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.prefect_server_database_url,
             "PREFECT_WORKER_QUERY_SECONDS": str(self.worker_poll_seconds),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # Prefect's defaults (5 s to connect, 10 s a statement) fail API calls, and with
+            # them flow runs, whenever the host is briefly saturated, e.g. by a burst of runs.
+            "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
+            "PREFECT_SERVER_DATABASE_TIMEOUT": "30",
+            **self._prefect_auth_environment(),
+        }
+
+    def _prefect_auth_environment(self) -> dict[str, str]:
+        # Only when set: an empty PREFECT_SERVER_API_AUTH_STRING would still turn the check on.
+        auth = self.prefect_auth_string.get_secret_value() if self.prefect_auth_string else ""
+        if not auth:
+            return {}
+        token = base64.b64encode(auth.encode()).decode()
+        return {
+            "PREFECT_SERVER_API_AUTH_STRING": auth,
+            "PREFECT_API_AUTH_STRING": auth,
+            # Prefect's HTTP client and its events-in socket send the auth string as a basic-auth
+            # header, but its other websockets (events and logs out, task-run subscriptions, the
+            # worker channel) send it only inside the connection, after the handshake, which
+            # nginx's basic auth has already refused: this header goes with every handshake.
+            "PREFECT_CLIENT_CUSTOM_HEADERS": json.dumps({"Authorization": f"Basic {token}"}),
         }
 
 

@@ -26,6 +26,7 @@ def stack_environment(settings: Settings) -> dict[str, str]:
         **os.environ,
         **settings.prefect_environment(),
         "INGEST_CONSUMERS": str(settings.consumers),
+        "INGEST_WORKERS": str(settings.workers),
         "INGEST_RUN_DIR": str(settings.run_dir),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import Counter
 
 import orjson
 
@@ -21,10 +22,21 @@ def records(source: str, count: int) -> list[Outgoing]:
 
 def assert_exactly_once(stack, pipeline, source: str, count: int) -> None:
     """Every record stored once, every inbox row done, one completed flow run per batch."""
-    wait_for(lambda: stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,)) == count
-             and stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND status <> 'done'",
-                              (pipeline.name,)) == 0,
-             240, f"{count} records of {source} stored", stack)
+    try:
+        wait_for(lambda: stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,))
+                 == count and stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND status <> 'done'",
+                                           (pipeline.name,)) == 0,
+                 240, f"{count} records of {source} stored", stack)
+    except AssertionError as exc:  # say where the records are, not only that some are missing
+        where = {
+            "sink": stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,)),
+            "inbox": stack.query("SELECT status, count(*) FROM inbox WHERE pipeline = %s GROUP BY 1", (pipeline.name,)),
+            "batches": stack.query("SELECT status, count(*) FROM batches WHERE pipeline = %s GROUP BY 1",
+                                   (pipeline.name,)),
+            "runs": Counter(r.state.name for r in stack.flow_runs(pipeline)),
+            "queue": stack.queue_depth(pipeline.queue),
+        }
+        raise AssertionError(f"{where}\n{exc}") from None
     assert stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND source = %s",
                         (pipeline.name, source)) == count
     runs = stack.wait_for_runs_final(pipeline)
