@@ -35,6 +35,8 @@ async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[s
     from flows.backfill import backfill
     from flows.ingest import ingest
 
+    # The process worker runs this instead of `python -m prefect.engine` (flows/forkserver.py).
+    job_variables = {"command": "ingest-flow-run"}
     names = []
     for pipeline in pipelines:
         tags = ["ingest", f"pipeline:{pipeline.name}"]
@@ -46,6 +48,7 @@ async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[s
                 tags=tags,
                 # A module path, not a file path: the worker imports the installed package.
                 entrypoint_type=EntrypointType.MODULE_PATH,
+                job_variables=job_variables,
             ),
             await backfill.ato_deployment(
                 name=pipeline.name,
@@ -55,6 +58,7 @@ async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[s
                 f"UTC day, mode {pipeline.backfill_mode!r}.",
                 tags=tags,
                 entrypoint_type=EntrypointType.MODULE_PATH,
+                job_variables=job_variables,
             ),
         ]
         for deployment in deployments:

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from ingest import bootstrap, db
@@ -18,6 +20,9 @@ log = logging.getLogger(__name__)
 
 BIN = Path(sys.executable).parent
 PREFECT_STARTUP_SECONDS = 180
+# flows/forkserver.py reads it; named here too so this package does not import flows.
+FORK_SERVER_SOCKET_ENV = "INGEST_FLOW_RUN_SOCKET"
+FORK_SERVER_STARTUP_SECONDS = 30
 
 
 def stack_environment(settings: Settings) -> dict[str, str]:
@@ -76,5 +81,28 @@ def exec_prefect_server(settings: Settings) -> None:
 def exec_prefect_worker(settings: Settings) -> None:
     bootstrap.wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
     os.environ.update(settings.prefect_environment())
+    # Deployments run `ingest-flow-run`, found on the PATH the worker hands its flow runs.
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    if settings.warm_flow_runs:
+        os.environ[FORK_SERVER_SOCKET_ENV] = start_fork_server(settings)
     os.execv(BIN / "prefect", ["prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
                               "--name", f"ingest-worker-{socket.gethostname()}-{os.getpid()}"])
+
+
+def start_fork_server(settings: Settings) -> str:
+    """Start the fork server of warm flow-run processes (flows/forkserver.py); return its socket path.
+
+    It is our child, and stays one when we exec the worker (exec keeps the pid); it exits
+    when the worker does. If it is not up in time, flow runs start cold: slower, not broken.
+    """
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.run_dir / f"flow-runs-{socket.gethostname()}-{os.getpid()}.sock"
+    if len(str(path)) > 100:  # the limit of a unix socket's path
+        path = Path(tempfile.gettempdir()) / f"ingest-flow-runs-{os.getpid()}.sock"
+    subprocess.Popen([sys.executable, "-m", "flows.forkserver", "serve", str(path)])
+    deadline = time.monotonic() + FORK_SERVER_STARTUP_SECONDS
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not path.exists():
+        log.warning("fork server not ready after %ss: flow runs start cold until it is", FORK_SERVER_STARTUP_SECONDS)
+    return str(path)

@@ -1,0 +1,33 @@
+"""Prefect's own ceiling: one flow submitting N no-op tasks, in one process, on the same server.
+
+It submits and waits exactly as the `ingest` flow's `record` granularity does, so the
+ratio record_rps / ceiling measures what our tasks and our plumbing add. Prints the
+tasks/second of the flow body (flow start-up excluded) as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import orjson
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="noop-{i}")
+def noop(i: int) -> None:
+    return None
+
+
+@flow(name="bench-ceiling", persist_result=False)
+def ceiling(count: int) -> float:
+    started = time.perf_counter()
+    futures = [noop.submit(i) for i in range(count)]
+    for future in futures:
+        future.wait()
+    return count / (time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    print(orjson.dumps({"tasks_per_second": ceiling(int(sys.argv[1]))}).decode())

@@ -1,0 +1,433 @@
+"""`make bench`: end-to-end throughput, latency and memory of the real stack, against a bare consumer.
+
+Everything runs here, in one run, so the figures compare as ratios: a bare aio-pika
+consumer (bench/bare_consumer.py: same validation, same batched upsert, no Prefect), then
+the whole system started with `ingest up` (supervisord: Prefect server, worker(s),
+consumer(s)) on fresh databases, then Prefect's own task ceiling (bench/ceiling.py).
+Throughput is first publish to last row stored, read from the sink's `ingested_at`
+(PostgreSQL's clock, the same host's), so polling does not blur it.
+
+Writes bench/results.json and prints a table. Takes 5 to 15 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import aio_pika
+import httpx
+import orjson
+import psycopg
+from psycopg import sql
+
+# bench/ is not a package; the scratch databases are the tests' (TEST_DATABASE_URL, TEST_AMQP_URL).
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
+from fixtures.services import AMQP_URL, create_database, drop_database  # noqa: E402
+from records import record  # noqa: E402
+
+from ingest.publisher import Publisher  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PUBLISH_CONCURRENCY = 500
+
+# The throughput settings of the README's performance section: big batches, one task run
+# per 1,000 records. The record pipeline keeps batches small enough that a flow run's
+# per-record task runs start while the consumer still fills the next batch.
+PIPELINES = """
+[pipelines.bench_chunk]
+granularity = "chunk"
+chunk_size = 1000
+sink_table = "bench_chunk"
+backfill_cron = ""
+[pipelines.bench_chunk.batch]
+max_records = {chunk_batch}
+max_bytes = 16777216
+max_linger_ms = {linger_ms}
+
+[pipelines.bench_record]
+granularity = "record"
+sink_table = "bench_record"
+backfill_cron = ""
+[pipelines.bench_record.batch]
+max_records = {record_batch}
+max_linger_ms = {linger_ms}
+"""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- databases and the broker ---------------------------------------------------------------
+
+
+async def delete_queues(names: list[str]) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        for name in names:
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(name)
+            except Exception:  # never declared: nothing to clean
+                pass
+
+
+def scalar(database_url: str, query: str, params=None):
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(query, params).fetchone()[0]
+
+
+def wait_stored(database_url: str, table: str, source: str, count: int, timeout: float) -> float:
+    """Wait until `count` rows of `source` are in `table`; return the epoch of the last one stored."""
+    deadline = time.monotonic() + timeout
+    query = sql.SQL("SELECT count(*), extract(epoch FROM max(ingested_at)) FROM {} WHERE source = %s").format(
+        sql.Identifier(table))
+    stored = 0
+    while time.monotonic() < deadline:
+        with psycopg.connect(database_url) as conn:
+            stored, last = conn.execute(query, (source,)).fetchone()
+        if stored >= count:
+            return float(last)
+        time.sleep(0.25)
+    raise TimeoutError(f"{table}: {stored} of {count} records of {source} stored after {timeout:.0f}s")
+
+
+def latencies_ms(database_url: str, table: str, source: str) -> list[float]:
+    query = sql.SQL("SELECT (extract(epoch FROM ingested_at) - (data->>'sent_at')::float8) * 1000 FROM {} "
+                    "WHERE source = %s").format(sql.Identifier(table))
+    with psycopg.connect(database_url) as conn:
+        return [float(ms) for (ms,) in conn.execute(query, (source,))]
+
+
+def percentiles(values: list[float]) -> dict:
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50_ms": round(cuts[49]), "p95_ms": round(cuts[94]), "p99_ms": round(cuts[98]), "samples": len(values)}
+
+
+# --- publishing ---------------------------------------------------------------------------
+
+
+async def publish_burst(routing_key: str, source: str, count: int) -> float:
+    """Publish `count` records as fast as confirms allow; return the epoch of the first publish."""
+    import random
+
+    rng = random.Random(7)
+    bodies = [record(source, i, rng) for i in range(count)]  # built before the clock starts
+    slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+    async with Publisher(AMQP_URL, connection_name="bench publisher") as publisher:
+
+        async def send(i: int, body: bytes) -> None:
+            async with slots:
+                await publisher.publish(body, routing_key, message_id=f"{source}-{i}")
+
+        started = time.time()
+        tasks = []
+        for i, body in enumerate(bodies):
+            await slots.acquire()  # keep at most PUBLISH_CONCURRENCY tasks alive
+            slots.release()
+            tasks.append(asyncio.create_task(send(i, body)))
+        await asyncio.gather(*tasks)
+    return started
+
+
+async def publish_at_rate(routing_key: str, source: str, rate: float, seconds: float) -> int:
+    """Publish `rate` records a second for `seconds`, each stamped with its send time; return the count."""
+    import random
+
+    rng = random.Random(11)
+    count = int(rate * seconds)
+    async with Publisher(AMQP_URL, connection_name="bench publisher (paced)") as publisher:
+        started = time.monotonic()
+        tasks = []
+        for i in range(count):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = record(source, i, rng, sent_at=time.time())
+            tasks.append(asyncio.create_task(publisher.publish(body, routing_key, message_id=f"{source}-{i}")))
+        await asyncio.gather(*tasks)
+    return count
+
+
+# --- peak memory --------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Samples the peak RSS (VmHWM) of consumer and flow-run processes while it runs."""
+
+    KINDS = {"consumer": ("ingest consumer",), "flow_run": ("prefect.engine", "flows.forkserver")}
+
+    def __init__(self):
+        self.peak_kib = dict.fromkeys(self.KINDS, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    kind = next((k for k, marks in self.KINDS.items() if any(m in cmdline for m in marks)), None)
+                    if kind is None:
+                        continue
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:  # the process ended meanwhile
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kib[kind] = max(self.peak_kib[kind], int(line.split()[1]))
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def megabytes(self) -> dict:
+        return {f"{kind}_peak_rss_mb": round(kib / 1024, 1) for kind, kib in self.peak_kib.items()}
+
+
+# --- the bare consumer --------------------------------------------------------------------
+
+
+def bench_bare(database_url: str, count: int) -> float:
+    queue = f"bench_bare_{uuid.uuid4().hex[:6]}"
+
+    async def declare() -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange("ingest", aio_pika.ExchangeType.TOPIC, durable=True)
+            declared = await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+            await declared.bind(exchange, queue)
+
+    asyncio.run(declare())
+    consumer = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_consumer.py"), AMQP_URL, database_url, queue])
+    try:
+        time.sleep(3)  # connected and consuming before the clock starts
+        source = f"bare-{uuid.uuid4().hex[:6]}"
+        started = asyncio.run(publish_burst(queue, source, count))
+        last = wait_stored(database_url, "bare_sink", source, count, 600)
+        return count / (last - started)
+    finally:
+        consumer.send_signal(signal.SIGTERM)
+        consumer.wait(30)
+        asyncio.run(delete_queues([queue]))
+
+
+# --- the whole system ---------------------------------------------------------------------
+
+
+class Stack:
+    """`ingest up` on its own databases, pipelines file, work pool and port."""
+
+    def __init__(self, home: Path, ingest_db: str, prefect_db: str, pipelines: str, consumers: int, workers: int):
+        with socket_free_port() as port:
+            self.api_url = f"http://127.0.0.1:{port}/api"
+        (home / "pipelines.toml").write_text(pipelines)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "INGEST_"))},
+            "INGEST_AMQP_URL": AMQP_URL,
+            "INGEST_DATABASE_URL": ingest_db,
+            "INGEST_PREFECT_DATABASE_URL": prefect_db,
+            "INGEST_PREFECT_API_URL": self.api_url,
+            "INGEST_PIPELINES_FILE": str(home / "pipelines.toml"),
+            "INGEST_WORK_POOL": f"bench-{uuid.uuid4().hex[:6]}",
+            "INGEST_CONSUMERS": str(consumers),
+            "INGEST_WORKERS": str(workers),
+            "INGEST_RUN_DIR": str(home / f"run-{consumers}-{workers}"),
+            "PREFECT_HOME": str(home / "prefect-home"),
+        }
+        self.workers = workers
+        self.log_path = home / f"stack-{consumers}-{workers}.log"
+
+    def __enter__(self) -> "Stack":
+        log(f"starting the stack ({self.env['INGEST_CONSUMERS']} consumer(s), {self.workers} worker(s)); "
+            f"log: {self.log_path}")
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen([str(BIN / "ingest"), "up"], env=self.env, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not self._ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the stack did not come up; see {self.log_path}")
+            time.sleep(1)
+        return self
+
+    def _ready(self) -> bool:
+        pool = self.env["INGEST_WORK_POOL"]
+        try:
+            deployments = httpx.post(f"{self.api_url}/deployments/filter", json={}, timeout=5).json()
+            workers = httpx.post(f"{self.api_url}/work_pools/{pool}/workers/filter", json={}, timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return (isinstance(workers, list) and len(deployments) >= 2
+                and sum(w.get("status") == "ONLINE" for w in workers) >= self.workers)
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGTERM)  # `ingest up` stops supervisord, consumers first
+        try:
+            self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+@contextmanager
+def socket_free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def bench_through(database_url: str, pipeline: str, count: int) -> float:
+    source = f"{pipeline}-{uuid.uuid4().hex[:6]}"
+    started = asyncio.run(publish_burst(pipeline, source, count))
+    last = wait_stored(database_url, pipeline, source, count, 900)
+    return count / (last - started)
+
+
+def bench_latency(database_url: str, pipeline: str, rate: float, seconds: float) -> dict:
+    source = f"latency-{uuid.uuid4().hex[:6]}"
+    count = asyncio.run(publish_at_rate(pipeline, source, rate, seconds))
+    wait_stored(database_url, pipeline, source, count, 600)
+    return {**percentiles(latencies_ms(database_url, pipeline, source)), "rate": round(rate, 1), "seconds": seconds}
+
+
+def bench_ceiling(stack: Stack, count: int) -> float:
+    from ingest.settings import Settings
+
+    env = {**stack.env, **Settings(_env_file=None, prefect_api_url=stack.api_url).prefect_environment()}
+    # One warm-up run: the first flow of a process registers the flow and imports lazily.
+    subprocess.run([sys.executable, str(ROOT / "bench" / "ceiling.py"), "10"], env=env, check=True, capture_output=True)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "ceiling.py"), str(count)], env=env, check=True,
+                            capture_output=True)
+    return orjson.loads(result.stdout.splitlines()[-1])["tasks_per_second"]
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def targets(results: dict) -> list[tuple[str, float, str, bool]]:
+    t, lat = results["throughput"], results["latency"]
+    chunk_ratio = t["chunk_rps"] / t["bare_rps"]
+    record_ratio = t["record_rps"] / t["prefect_task_ceiling_rps"]
+    rows = [
+        ("chunk_rps / bare_rps", round(chunk_ratio, 2), ">= 0.5", chunk_ratio >= 0.5),
+        ("record_rps / prefect_task_ceiling_rps", round(record_ratio, 2), ">= 0.9", record_ratio >= 0.9),
+        ("low-rate p50 (ms)", lat["p50_ms"], "<= 3000", lat["p50_ms"] <= 3000),
+        ("low-rate p99 (ms)", lat["p99_ms"], "<= 8000", lat["p99_ms"] <= 8000),
+    ]
+    if "scale_out" in results:
+        s = results["scale_out"]
+        rows.append(("2x2 / 1x1 chunk throughput", round(s["ratio"], 2), ">= 1.0 (noise: ~0.9)", s["ratio"] >= 0.9))
+    return rows
+
+
+def print_table(results: dict) -> None:
+    t, lat, mem = results["throughput"], results["latency"], results["memory"]
+    lines = [
+        f"machine: {results['machine']['cores']} cores, {results['machine']['platform']}",
+        "",
+        f"{'throughput (records/s)':<44}{'':>10}",
+        f"  {'bare_rps (aio-pika + upsert, no Prefect)':<42}{t['bare_rps']:>10.0f}",
+        f"  {'chunk_rps (full system, chunk)':<42}{t['chunk_rps']:>10.0f}",
+        f"  {'record_rps (full system, record)':<42}{t['record_rps']:>10.0f}",
+        f"  {'prefect_task_ceiling_rps':<42}{t['prefect_task_ceiling_rps']:>10.0f}",
+        "",
+        f"{'latency publish -> stored (ms)':<28}{'p50':>8}{'p95':>8}{'p99':>8}  rate",
+        f"  {'low rate':<26}{lat['p50_ms']:>8}{lat['p95_ms']:>8}{lat['p99_ms']:>8}  {lat['rate']}/s",
+        f"  {'half of chunk_rps':<26}{lat['half_load']['p50_ms']:>8}{lat['half_load']['p95_ms']:>8}"
+        f"{lat['half_load']['p99_ms']:>8}  {lat['half_load']['rate']}/s",
+        "",
+        f"peak RSS: consumer {mem['consumer_peak_rss_mb']} MB, flow-run process {mem['flow_run_peak_rss_mb']} MB",
+    ]
+    if "scale_out" in results:
+        s = results["scale_out"]
+        lines.append(f"scale-out (chunk): 1 consumer + 1 worker {s['one_each_rps']:.0f}/s, "
+                     f"2 consumers + 2 workers {s['two_each_rps']:.0f}/s")
+    lines += ["", "targets:"]
+    lines += [f"  {'met ' if met else 'MISS'} {name:<40}{value:>8}  {target}" for name, value, target, met in targets(results)]
+    print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=20_000, help="records of the throughput runs (default 20000)")
+    parser.add_argument("--record-records", type=int, default=3_000,
+                        help="records of the `record` granularity run and of the ceiling flow (default 3000)")
+    parser.add_argument("--rate", type=float, default=20, help="records/s of the low-rate latency run (default 20)")
+    parser.add_argument("--seconds", type=float, default=60, help="length of each latency run (default 60)")
+    parser.add_argument("--chunk-batch", type=int, default=2000, help="max_records of the chunk pipeline")
+    parser.add_argument("--record-batch", type=int, default=500, help="max_records of the record pipeline")
+    parser.add_argument("--linger-ms", type=int, default=500, help="max_linger_ms of both pipelines")
+    parser.add_argument("--skip-scale-out", action="store_true", help="skip the 2 consumers + 2 workers run")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
+    args = parser.parse_args()
+    pipelines = PIPELINES.format(chunk_batch=args.chunk_batch, record_batch=args.record_batch, linger_ms=args.linger_ms)
+
+    ingest_db, prefect_db = create_database("bench_ingest"), create_database("bench_prefect")
+    home = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    results: dict = {
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "config": {k: v for k, v in vars(args).items() if k != "output"},
+    }
+    try:
+        log(f"bare consumer: {args.records} records")
+        bare_rps = bench_bare(ingest_db, args.records)
+        log(f"bare_rps {bare_rps:.0f}")
+        with PeakMemory() as memory:
+            with Stack(home, ingest_db, prefect_db, pipelines, consumers=1, workers=1) as stack:
+                log(f"chunk granularity: {args.records} records")
+                chunk_rps = bench_through(ingest_db, "bench_chunk", args.records)
+                log(f"chunk_rps {chunk_rps:.0f}; record granularity: {args.record_records} records")
+                record_rps = bench_through(ingest_db, "bench_record", args.record_records)
+                log(f"record_rps {record_rps:.0f}; Prefect's ceiling: {args.record_records} no-op tasks")
+                ceiling_rps = bench_ceiling(stack, args.record_records)
+                log(f"ceiling {ceiling_rps:.0f}/s; latency at {args.rate}/s for {args.seconds:.0f}s")
+                low = bench_latency(ingest_db, "bench_chunk", args.rate, args.seconds)
+                log(f"low-rate latency {low}; latency at half of chunk_rps")
+                low["half_load"] = bench_latency(ingest_db, "bench_chunk", chunk_rps / 2, args.seconds / 2)
+        results["throughput"] = {"bare_rps": round(bare_rps, 1), "chunk_rps": round(chunk_rps, 1),
+                                 "record_rps": round(record_rps, 1), "prefect_task_ceiling_rps": round(ceiling_rps, 1)}
+        results["latency"] = low
+        results["memory"] = memory.megabytes()
+        if not args.skip_scale_out:
+            with Stack(home, ingest_db, prefect_db, pipelines, consumers=2, workers=2):
+                log(f"scale-out: chunk granularity, {args.records} records, 2 consumers + 2 workers")
+                two = bench_through(ingest_db, "bench_chunk", args.records)
+            results["scale_out"] = {"one_each_rps": round(chunk_rps, 1), "two_each_rps": round(two, 1),
+                                    "ratio": round(two / chunk_rps, 3)}
+        results["targets"] = {name: {"value": value, "target": target, "met": met}
+                              for name, value, target, met in targets(results)}
+    finally:
+        asyncio.run(delete_queues(["bench_chunk", "bench_chunk.dlq", "bench_record", "bench_record.dlq"]))
+        drop_database(ingest_db)
+        drop_database(prefect_db)
+    args.output.write_text(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+    print_table(results)
+    log(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
