@@ -43,6 +43,8 @@ from ingest.publisher import Publisher  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PUBLISH_CONCURRENCY = 500
+# Settings the stack takes from our environment, to compare runs with and without them.
+TUNABLES = ("INGEST_WORKER_POLL_SECONDS", "INGEST_WARM_FLOW_RUNS")
 
 # The throughput settings of the README's performance section: big batches, one task run
 # per 1,000 records. The record pipeline keeps batches small enough that a flow run's
@@ -242,7 +244,7 @@ class Stack:
             self.api_url = f"http://127.0.0.1:{port}/api"
         (home / "pipelines.toml").write_text(pipelines)
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "INGEST_"))},
+            **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "INGEST_")) or k in TUNABLES},
             "INGEST_AMQP_URL": AMQP_URL,
             "INGEST_DATABASE_URL": ingest_db,
             "INGEST_PREFECT_DATABASE_URL": prefect_db,
@@ -379,7 +381,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60, help="length of each latency run (default 60)")
     parser.add_argument("--chunk-batch", type=int, default=2000, help="max_records of the chunk pipeline")
     parser.add_argument("--record-batch", type=int, default=500, help="max_records of the record pipeline")
-    parser.add_argument("--linger-ms", type=int, default=500, help="max_linger_ms of both pipelines")
+    parser.add_argument("--linger-ms", type=int, default=1000, help="max_linger_ms of both pipelines")
     parser.add_argument("--skip-scale-out", action="store_true", help="skip the 2 consumers + 2 workers run")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args()
@@ -396,17 +398,20 @@ def main() -> int:
         bare_rps = bench_bare(ingest_db, args.records)
         log(f"bare_rps {bare_rps:.0f}")
         with PeakMemory() as memory:
+            # Latency first, on a quiet stack: after thousands of task runs the Prefect server
+            # spends a minute or more writing their events, and every run waits for it.
             with Stack(home, ingest_db, prefect_db, pipelines, consumers=1, workers=1) as stack:
-                log(f"chunk granularity: {args.records} records")
+                log(f"latency at {args.rate}/s for {args.seconds:.0f}s")
+                low = bench_latency(ingest_db, "bench_chunk", args.rate, args.seconds)
+                log(f"low-rate latency {low}; chunk granularity: {args.records} records")
                 chunk_rps = bench_through(ingest_db, "bench_chunk", args.records)
-                log(f"chunk_rps {chunk_rps:.0f}; record granularity: {args.record_records} records")
+                log(f"chunk_rps {chunk_rps:.0f}; latency at half of it for {args.seconds / 2:.0f}s")
+                low["half_load"] = bench_latency(ingest_db, "bench_chunk", chunk_rps / 2, args.seconds / 2)
+                log(f"half-load latency {low['half_load']}; record granularity: {args.record_records} records")
                 record_rps = bench_through(ingest_db, "bench_record", args.record_records)
                 log(f"record_rps {record_rps:.0f}; Prefect's ceiling: {args.record_records} no-op tasks")
                 ceiling_rps = bench_ceiling(stack, args.record_records)
-                log(f"ceiling {ceiling_rps:.0f}/s; latency at {args.rate}/s for {args.seconds:.0f}s")
-                low = bench_latency(ingest_db, "bench_chunk", args.rate, args.seconds)
-                log(f"low-rate latency {low}; latency at half of chunk_rps")
-                low["half_load"] = bench_latency(ingest_db, "bench_chunk", chunk_rps / 2, args.seconds / 2)
+                log(f"ceiling {ceiling_rps:.0f}/s")
         results["throughput"] = {"bare_rps": round(bare_rps, 1), "chunk_rps": round(chunk_rps, 1),
                                  "record_rps": round(record_rps, 1), "prefect_task_ceiling_rps": round(ceiling_rps, 1)}
         results["latency"] = low

@@ -71,7 +71,8 @@ class Settings(BaseSettings):
         1024 * 1024, ge=1, description="Larger messages are dead-lettered as `too_large`."
     )
     worker_poll_seconds: float = Field(
-        1.0, gt=0, description="How often the Prefect worker polls for scheduled runs (latency)."
+        0.5, gt=0, description="How often the Prefect worker polls for scheduled runs: half of it is the "
+        "average wait of a new flow run; each poll is one query on the Prefect server."
     )
     submit_timeout_seconds: float = Field(
         10.0, gt=0, description="Time limit for one flow-run creation call to Prefect."

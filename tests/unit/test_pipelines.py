@@ -40,7 +40,7 @@ def test_defaults_are_applied(write):
     assert orders.task_retry_delay_seconds == 2.0
     assert orders.sink_table == "records"
     assert orders.delivery_limit == 5
-    assert orders.batch == Batching(max_records=200, max_bytes=4 * 1024 * 1024, max_linger_ms=250)
+    assert orders.batch == Batching(max_records=1000, max_bytes=4 * 1024 * 1024, max_linger_ms=1000)
     assert orders.enrich is None
 
 
@@ -64,7 +64,7 @@ url = "http://enricher:8080/enrich"
     assert orders.granularity == "record"
     assert orders.sink_table == "orders_v2"
     assert orders.batch.max_records == 50
-    assert orders.batch.max_linger_ms == 250
+    assert orders.batch.max_linger_ms == 1000
     assert str(orders.enrich.url) == "http://enricher:8080/enrich"
     assert orders.enrich.retries == 3
 
