@@ -19,7 +19,7 @@ from ingest.contract import InvalidMessage, decode
 UPSERT = """
 INSERT INTO bare_sink AS r (source, id, type, occurred_at, data)
 SELECT DISTINCT ON (s, i) s, i, t, o, d::jsonb
-FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[]) AS u(s, i, t, o, d)
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[]) AS u(s, i, t, o, d)
 ORDER BY s, i, o DESC
 ON CONFLICT (source, id) DO UPDATE SET type = EXCLUDED.type, occurred_at = EXCLUDED.occurred_at, data = EXCLUDED.data
 WHERE r.occurred_at <= EXCLUDED.occurred_at

@@ -379,7 +379,7 @@ def main() -> int:
                         help="records of the `record` granularity run and of the ceiling flow (default 3000)")
     parser.add_argument("--rate", type=float, default=20, help="records/s of the low-rate latency run (default 20)")
     parser.add_argument("--seconds", type=float, default=60, help="length of each latency run (default 60)")
-    parser.add_argument("--chunk-batch", type=int, default=2000, help="max_records of the chunk pipeline")
+    parser.add_argument("--chunk-batch", type=int, default=5000, help="max_records of the chunk pipeline")
     parser.add_argument("--record-batch", type=int, default=500, help="max_records of the record pipeline")
     parser.add_argument("--linger-ms", type=int, default=1000, help="max_linger_ms of both pipelines")
     parser.add_argument("--skip-scale-out", action="store_true", help="skip the 2 consumers + 2 workers run")

@@ -18,10 +18,11 @@ from ingest.inbox import InboxRecord
 
 # data comes from the inbox, where PostgreSQL parsed the original body: it never passes
 # through Python, so it is stored exactly as sent. DISTINCT ON collapses duplicates
-# inside one statement (ON CONFLICT cannot touch a row twice).
+# inside one statement (ON CONFLICT cannot touch a row twice). Arrays go in binary (%b):
+# psycopg escapes text arrays with a regular expression per element.
 _UPSERT = """
 WITH input AS (
-    SELECT * FROM unnest(%(keys)s::text[], %(types)s::text[], %(occurred)s::timestamptz[], %(enrichments)s::jsonb[])
+    SELECT * FROM unnest(%(keys)b::text[], %(types)b::text[], %(occurred)b::timestamptz[], %(enrichments)b::jsonb[])
         AS t(message_key, type, occurred_at, enrichment)
 ), latest AS (
     SELECT DISTINCT ON (i.source, i.record_id)
