@@ -245,9 +245,9 @@ def status(
 
     from ingest.status import collect, render
 
-    settings = get_settings()
+    settings, pipelines = get_settings(), _pipelines(pipeline)  # exits 2 on an unknown pipeline
     try:
-        snapshot = asyncio.run(collect(settings, _pipelines(pipeline), hours))
+        snapshot = asyncio.run(collect(settings, pipelines, hours))
     except Exception as exc:
         raise _fail(f"{type(exc).__name__}: {exc}")
     typer.echo(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2).decode() if json_output else render(snapshot))
