@@ -115,7 +115,7 @@ async def retry_run(client: PrefectClient, run: FlowRun, states: list[StateType]
     if result.status != SetStateStatus.ACCEPT:
         reason = getattr(result.details, "reason", None) or result.status.value
         return Outcome(current, "failed", f"Prefect refused the retry: {reason}")
-    return Outcome(current, "retried", f"{current.state.name} -> Scheduled")
+    return Outcome(current, "retried", "")
 
 
 async def read_runs(client: PrefectClient, ids: list[UUID]) -> list[FlowRun]:
