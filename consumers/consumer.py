@@ -21,6 +21,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
+from consumers import metrics
 from consumers.batcher import Batcher
 from consumers.deadletter import DeadLetterer
 from consumers.submit import Submitter
@@ -94,6 +95,7 @@ class PipelineConsumer:
                 await self._flush()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        metrics.RECEIVED.labels(self.pipeline.name).inc()
         try:
             record = decode(message.body, message.content_type, self.app.settings.max_message_bytes)
         except InvalidMessage as exc:
@@ -130,6 +132,7 @@ class PipelineConsumer:
         for _, message in entries:
             try:
                 await message.ack()
+                metrics.ACKED.labels(self.pipeline.name).inc()
             except Exception as exc:  # channel lost: the broker redelivers, the inbox dedups
                 log.warning("message %s: ack failed after commit (%s); its redelivery will be deduplicated",
                             message.message_id or message.delivery_tag, exc)
@@ -138,6 +141,7 @@ class PipelineConsumer:
             log.info("%d message(s) of %s already in the inbox (redelivered or published again): acked",
                      len(entries), self.pipeline.name)
             return
+        metrics.BATCHES_COMMITTED.labels(self.pipeline.name).inc()
         log.info(
             "batch %s (%s): %d records committed%s, messages %s..%s",
             batch_id, self.pipeline.name, inserted,
@@ -157,7 +161,7 @@ class PipelineConsumer:
                 batch_id, self.pipeline.name, rs.outcome.exception(),
             ),
         ):
-            with attempt:
+            with attempt, metrics.INBOX_WRITE.labels(self.pipeline.name).time():
                 async with self.app.pool.connection() as conn:
                     return await inbox.write_batch(
                         conn, self.pipeline.name, batch_id, [a for a, _ in entries],
@@ -185,6 +189,8 @@ class Consumer:
         self.stopping = asyncio.Event()
 
     async def startup(self) -> None:
+        if self.settings.metrics_port:
+            metrics.serve(self.settings.metrics_port + self.settings.consumer_index)
         self.pool = AsyncConnectionPool(
             self.settings.database_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=False
         )

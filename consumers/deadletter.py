@@ -7,6 +7,7 @@ import logging
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from consumers import metrics
 from ingest.contract import InvalidMessage
 from ingest.pipelines import DEAD_LETTER_EXCHANGE, Pipeline
 
@@ -44,6 +45,7 @@ class DeadLetterer:
             dead_letter_of(message, error, self.pipeline.name), routing_key=self.pipeline.name, mandatory=True
         )
         await message.ack()
+        metrics.DEAD_LETTERED.labels(self.pipeline.name, error.reason).inc()
         log.warning(
             "message %s of %s dead-lettered (%s): %s",
             message.message_id or f"#{message.delivery_tag}", self.pipeline.name, error.reason, error.error[:300],

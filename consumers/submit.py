@@ -9,6 +9,7 @@ The idempotency key is the batch id, so submitting twice still makes one flow ru
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from uuid import UUID
@@ -16,6 +17,7 @@ from uuid import UUID
 from prefect.client.orchestration import PrefectClient, get_client
 from psycopg_pool import AsyncConnectionPool
 
+from consumers import metrics
 from ingest import inbox
 from ingest.pipelines import Pipeline
 from ingest.settings import Settings
@@ -79,6 +81,7 @@ class Submitter:
                 self._create_run(batch_id, pipeline), self.settings.submit_timeout_seconds
             )
         except Exception as exc:  # Prefect down, slow or misconfigured: the batch waits in PostgreSQL
+            metrics.SUBMIT_FAILURES.labels(pipeline).inc()
             self.deployment_ids.pop(pipeline, None)
             delay = backoff_seconds(attempts, self.settings.submit_max_backoff_seconds)
             error = f"{type(exc).__name__}: {exc}"
@@ -90,17 +93,24 @@ class Submitter:
                 await inbox.defer_batch(conn, batch_id, error, delay)
             return
         async with self.pool.connection() as conn:
-            await inbox.mark_submitted(conn, batch_id, flow_run_id)
+            since_commit = await inbox.mark_submitted(conn, batch_id, flow_run_id)
+        metrics.BATCHES_SUBMITTED.labels(pipeline).inc()
+        if since_commit is not None:
+            metrics.COMMIT_TO_FLOW_RUN.labels(pipeline).observe(since_commit)
         log.info("batch %s (%s): flow run %s created", batch_id, pipeline, flow_run_id)
 
     async def _sweep_forever(self, interval: float = 1.0) -> None:
-        while True:
+        for sweeps in itertools.count():
             await asyncio.sleep(interval)
             try:
                 async with self.pool.connection() as conn:
                     due = await inbox.claim_due_batches(
                         conn, list(self.pipelines), self.settings.stuck_batch_seconds
                     )
+                    if sweeps % 5 == 0:
+                        for name, (batches, age) in (await inbox.backlog(conn, list(self.pipelines))).items():
+                            metrics.BATCHES_PENDING.labels(name).set(batches)
+                            metrics.OLDEST_PENDING_RECORD.labels(name).set(age)
                 for batch_id, pipeline, attempts in due:
                     await self._submit(batch_id, pipeline, attempts)
             except asyncio.CancelledError:

@@ -47,9 +47,8 @@ def declare_queues(settings: Settings, pipelines: list[Pipeline]) -> None:
     log.info("topology: exchange ingest, queues %s", ", ".join(f"{p.queue} (+ {p.dlq})" for p in pipelines))
 
 
-def wait_for_prefect(settings: Settings, timeout: float) -> None:
-    """Block until the Prefect API answers its health check, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
+def prefect_health(settings: Settings, timeout: float = 5) -> str | None:
+    """Ask the Prefect API's health check once; None if healthy, else what went wrong."""
     url = settings.prefect_api_url.rstrip("/") + "/health"
     # Prefect answers /health without credentials, but a proxy in front of it (nginx) does not.
     secret = settings.prefect_auth_string.get_secret_value() if settings.prefect_auth_string else ""
@@ -57,14 +56,20 @@ def wait_for_prefect(settings: Settings, timeout: float) -> None:
     # Trust what Prefect's own client trusts (e.g. the proxy's self-signed certificate).
     cafile = os.environ.get("PREFECT_API_SSL_CERT_FILE")
     verify = ssl.create_default_context(cafile=cafile) if cafile else True
+    try:
+        status = httpx.get(url, timeout=timeout, auth=auth, verify=verify).status_code
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if status == 200 else f"health check answered HTTP {status}"
+
+
+def wait_for_prefect(settings: Settings, timeout: float) -> None:
+    """Block until the Prefect API answers its health check, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
     last_error = "no answer yet"
     while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5, auth=auth, verify=verify).status_code == 200:
-                return
-            last_error = "health check did not answer 200"
-        except httpx.HTTPError as exc:
-            last_error = str(exc)
+        if (last_error := prefect_health(settings)) is None:
+            return
         time.sleep(1)
     raise TimeoutError(f"Prefect API {settings.prefect_api_url} not healthy after {timeout:.0f}s: {last_error}")
 

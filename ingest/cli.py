@@ -253,6 +253,20 @@ def status(
     typer.echo(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2).decode() if json_output else render(snapshot))
 
 
+@app.command()
+def health(
+    timeout: Annotated[float, typer.Option(help="Seconds each service may take to answer.")] = 5,
+) -> None:
+    """Check that RabbitMQ, PostgreSQL and the Prefect API answer; exit 1 if any does not."""
+    from ingest.health import check
+
+    results = check(get_settings(), timeout)
+    for name, error, seconds in results:
+        typer.echo(f"{name:<12} {'ok' if error is None else 'FAILED: ' + error} ({seconds * 1000:.0f} ms)")
+    if any(error is not None for _, error, _ in results):
+        raise typer.Exit(1)
+
+
 def _register_replay() -> None:
     # Its module imports only typer at the top, like this one: `ingest --help` stays fast.
     from ingest.replay import replay_app

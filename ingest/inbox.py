@@ -126,11 +126,27 @@ MARK_SUBMITTED = """
 UPDATE batches SET status = 'submitted', flow_run_id = %(flow_run_id)s, submitted_at = now(),
        attempts = attempts + 1, last_error = NULL
 WHERE batch_id = %(batch_id)s AND status = 'pending'
+RETURNING extract(epoch FROM now() - created_at)
 """
 
 
-async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run_id: UUID) -> None:
-    await conn.execute(MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": flow_run_id})
+async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run_id: UUID) -> float | None:
+    """Record the batch's flow run; return the seconds since its commit (None if it was submitted already)."""
+    row = await (await conn.execute(MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": flow_run_id})).fetchone()
+    return None if row is None else float(row[0])
+
+
+async def backlog(conn: psycopg.AsyncConnection, pipelines: list[str]) -> dict[str, tuple[int, float]]:
+    """Per pipeline: batches without a flow run yet, and the age in seconds of the oldest
+    record not processed yet (0 if none); for all consumers together."""
+    rows = await (await conn.execute(
+        """SELECT p,
+                  (SELECT count(*) FROM batches WHERE status = 'pending' AND pipeline = p),
+                  coalesce((SELECT extract(epoch FROM now() - min(received_at)) FROM inbox
+                            WHERE status = 'pending' AND pipeline = p), 0)
+           FROM unnest(%s::text[]) AS p""",
+        (pipelines,))).fetchall()
+    return {pipeline: (int(batches), float(age)) for pipeline, batches, age in rows}
 
 
 async def defer_batch(conn: psycopg.AsyncConnection, batch_id: UUID, error: str, delay_seconds: float) -> None:

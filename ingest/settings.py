@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         description="Fork flow-run processes from a process that has imported Prefect and the flows "
         "(flows/forkserver.py) instead of starting each from scratch: about 1.3 s of CPU less per run.",
     )
+    metrics_port: int = Field(
+        9400, ge=0, description="Consumers serve Prometheus metrics on this port plus their index "
+        "(INGEST_CONSUMER_INDEX); 0: no metrics."
+    )
+    consumer_index: int = Field(0, ge=0, description="Set by supervisord for each consumer process (process_num).")
     workers: int = Field(
         1, ge=1, description="Prefect worker processes started by `ingest up`; more hosts can add their own."
     )
@@ -123,6 +128,8 @@ class Settings(BaseSettings):
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.prefect_server_database_url,
             "PREFECT_WORKER_QUERY_SECONDS": str(self.worker_poll_seconds),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # Prometheus metrics of the server (flow runs by state, ...) at <API URL>/metrics.
+            "PREFECT_SERVER_METRICS_ENABLED": "true",
             # Prefect's defaults (5 s to connect, 10 s a statement) fail API calls, and with
             # them flow runs, whenever the host is briefly saturated, e.g. by a burst of runs.
             "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",

@@ -84,9 +84,18 @@ def test_prefect_server_down_messages_wait_in_the_inbox(stack):
         error = stack.scalar("SELECT last_error FROM batches WHERE pipeline = %s AND last_error IS NOT NULL LIMIT 1",
                              (pipeline.name,))
         assert error
+        # ...which the consumer's metrics show: failed submissions, pending batches, waiting records.
+        batches = stack.scalar("SELECT count(*) FROM batches WHERE pipeline = %s", (pipeline.name,))
+        wait_for(lambda: stack.metric("ingest_batches_pending", pipeline=pipeline.name) == batches
+                 and stack.metric("ingest_inbox_oldest_pending_seconds", pipeline=pipeline.name) > 0
+                 and stack.metric("ingest_batch_submit_failures_total", pipeline=pipeline.name) > 0,
+                 30, "the backlog in the metrics", stack)
     finally:
         stack.start("server", "server")
     # Once the server is back, every batch gets its one flow run and everything is stored.
     if not stack.processes["worker"].alive:  # under supervisord it would be restarted
         stack.start("worker", "worker")
     assert_exactly_once(stack, pipeline, source, 500)
+    wait_for(lambda: stack.metric("ingest_batches_pending", pipeline=pipeline.name) == 0
+             and stack.metric("ingest_inbox_oldest_pending_seconds", pipeline=pipeline.name) == 0,
+             30, "no backlog in the metrics", stack)

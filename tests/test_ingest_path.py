@@ -8,6 +8,7 @@ import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
+import httpx
 import orjson
 
 from fixtures.stack import Outgoing, wait_for
@@ -82,6 +83,13 @@ def test_thousand_messages_end_up_exactly_once(stack):
     messages, expected, reasons, bad = build_messages(source, max_bytes)
     assert len(messages) == 1000
 
+    counters = ("ingest_messages_received_total", "ingest_messages_acked_total", "ingest_batches_committed_total",
+                "ingest_batches_submitted_total", "ingest_commit_to_flow_run_seconds_count")
+    metrics_before = {name: stack.metric(name, pipeline=pipeline.name) for name in counters}
+    letters_before = {r: stack.metric("ingest_messages_dead_lettered_total", pipeline=pipeline.name, reason=r)
+                      for r in reasons}
+    batches_before = stack.scalar("SELECT count(*) FROM batches WHERE pipeline = %s", (pipeline.name,))
+
     started = time.monotonic()
     stack.publish(pipeline.name, messages)
     sink_query = f"SELECT id, data, type, occurred_at FROM {pipeline.sink_table} WHERE source = %s"
@@ -123,6 +131,18 @@ def test_thousand_messages_end_up_exactly_once(stack):
     assert sorted(str(r.id) for r in runs) == sorted(str(run_id) for _, run_id, _ in batches)
     assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
     assert sum(stack.scalar("SELECT record_count FROM batches WHERE batch_id = %s", (b,)) for b, _, _ in batches) == 750
+
+    # The consumer's metrics count the same: every delivery, the acks, the dead letters by
+    # reason, each batch committed and submitted; the Prefect server serves its own.
+    new_batches = len(batches) - batches_before
+    delta = {name: stack.metric(name, pipeline=pipeline.name) - before for name, before in metrics_before.items()}
+    assert delta == {"ingest_messages_received_total": 1000, "ingest_messages_acked_total": 1000 - len(bad),
+                     "ingest_batches_committed_total": new_batches, "ingest_batches_submitted_total": new_batches,
+                     "ingest_commit_to_flow_run_seconds_count": new_batches}
+    assert {r: stack.metric("ingest_messages_dead_lettered_total", pipeline=pipeline.name, reason=r) - before
+            for r, before in letters_before.items()} == dict(reasons)
+    prefect_metrics = httpx.get(f"{stack.api_url}/metrics", timeout=10)
+    assert prefect_metrics.status_code == 200 and "# TYPE" in prefect_metrics.text
 
     # `ingest status --json` tells the same story.
     status = orjson.loads(stack.ingest("status", "--json", "-p", pipeline.name).stdout)["pipelines"][pipeline.name]
