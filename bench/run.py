@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import aio_pika
@@ -35,7 +34,8 @@ from psycopg import sql
 
 # bench/ is not a package; the scratch databases are the tests' (TEST_DATABASE_URL, TEST_AMQP_URL).
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
-from fixtures.services import AMQP_URL, create_database, drop_database  # noqa: E402
+from fixtures.services import AMQP_URL, create_database, delete_queues, drop_database  # noqa: E402
+from fixtures.stack import free_port  # noqa: E402
 from records import record  # noqa: E402
 
 from ingest.publisher import Publisher  # noqa: E402
@@ -81,22 +81,6 @@ def log(message: str) -> None:
 
 
 # --- databases and the broker ---------------------------------------------------------------
-
-
-async def delete_queues(names: list[str]) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        for name in names:
-            channel = await connection.channel()
-            try:
-                await channel.queue_delete(name)
-            except Exception:  # never declared: nothing to clean
-                pass
-
-
-def scalar(database_url: str, query: str, params=None):
-    with psycopg.connect(database_url) as conn:
-        return conn.execute(query, params).fetchone()[0]
 
 
 def wait_stored(database_url: str, table: str, source: str, count: int, timeout: float) -> float:
@@ -246,8 +230,7 @@ class Stack:
     """`ingest up` on its own databases, pipelines file, work pool and port."""
 
     def __init__(self, home: Path, ingest_db: str, prefect_db: str, pipelines: str, consumers: int, workers: int):
-        with socket_free_port() as port:
-            self.api_url = f"http://127.0.0.1:{port}/api"
+        self.api_url = f"http://127.0.0.1:{free_port()}/api"
         (home / "pipelines.toml").write_text(pipelines)
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "INGEST_")) or k in TUNABLES},
@@ -296,15 +279,6 @@ class Stack:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
-
-
-@contextmanager
-def socket_free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 def bench_through(database_url: str, pipeline: str, count: int) -> float:

@@ -32,12 +32,8 @@ def _postgresql(settings: Settings, timeout: float) -> str | None:
     return None
 
 
-def _prefect(settings: Settings, timeout: float) -> str | None:
-    return prefect_health(settings, timeout)
-
-
 CHECKS: dict[str, Callable[[Settings, float], str | None]] = {
-    "rabbitmq": _rabbitmq, "postgresql": _postgresql, "prefect-api": _prefect,
+    "rabbitmq": _rabbitmq, "postgresql": _postgresql, "prefect-api": prefect_health,
 }
 
 
