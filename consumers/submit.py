@@ -9,7 +9,6 @@ The idempotency key is the batch id, so submitting twice still makes one flow ru
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 from uuid import UUID
@@ -39,16 +38,20 @@ class Submitter:
         self.deployment_ids: dict[str, UUID] = {}
         self.in_flight: set[asyncio.Task] = set()
         self.sweeper: asyncio.Task | None = None
+        self.gauges: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.client = get_client()
         await self.client.__aenter__()
         self.sweeper = asyncio.create_task(self._sweep_forever(), name="submit-sweep")
+        # Apart from the sweep, which waits on Prefect for as long as it is down.
+        self.gauges = asyncio.create_task(self._measure_backlog_forever(), name="backlog-gauges")
 
     async def close(self, timeout: float) -> None:
         """Let submissions in flight finish (those that do not stay pending), then close."""
-        if self.sweeper:
-            self.sweeper.cancel()
+        for task in (self.sweeper, self.gauges):
+            if task:
+                task.cancel()
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=timeout)
         if self.client:
@@ -100,20 +103,30 @@ class Submitter:
         log.info("batch %s (%s): flow run %s created", batch_id, pipeline, flow_run_id)
 
     async def _sweep_forever(self, interval: float = 1.0) -> None:
-        for sweeps in itertools.count():
+        while True:
             await asyncio.sleep(interval)
             try:
                 async with self.pool.connection() as conn:
                     due = await inbox.claim_due_batches(
                         conn, list(self.pipelines), self.settings.stuck_batch_seconds
                     )
-                    if sweeps % 5 == 0:
-                        for name, (batches, age) in (await inbox.backlog(conn, list(self.pipelines))).items():
-                            metrics.BATCHES_PENDING.labels(name).set(batches)
-                            metrics.OLDEST_PENDING_RECORD.labels(name).set(age)
                 for batch_id, pipeline, attempts in due:
                     await self._submit(batch_id, pipeline, attempts)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("submission sweep failed; next sweep in %.0fs", interval)
+
+    async def _measure_backlog_forever(self, interval: float = 5.0) -> None:
+        """Keep the backlog gauges (pending batches, oldest unprocessed record) current."""
+        while True:
+            try:
+                async with self.pool.connection() as conn:
+                    for name, (batches, age) in (await inbox.backlog(conn, list(self.pipelines))).items():
+                        metrics.BATCHES_PENDING.labels(name).set(batches)
+                        metrics.OLDEST_PENDING_RECORD.labels(name).set(age)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database down: the gauges keep their last values
+                log.warning("backlog gauges not updated: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(interval)
