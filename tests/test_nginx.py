@@ -104,9 +104,18 @@ def test_websocket_route_through_nginx(proxied, route):
     with pytest.raises(InvalidStatus) as refused:
         connect(url, ssl=proxied.ssl_context(), subprotocols=["prefect"], open_timeout=30)
     assert refused.value.response.status_code == 401
-    # With them, the upgrade reaches Prefect, which runs its own auth handshake.
-    with connect(url, ssl=proxied.ssl_context(), subprotocols=["prefect"], open_timeout=30,
-                 additional_headers={"Authorization": proxied.authorization}) as ws:
+    # With them, the upgrade reaches Prefect, which runs its own auth handshake. (Once in
+    # about six full runs the events/out upgrade got no answer within 30 s, with nothing in
+    # either log; a second attempt must succeed, so a route that does not work still fails.)
+    for attempt in (1, 2):
+        try:
+            ws = connect(url, ssl=proxied.ssl_context(), subprotocols=["prefect"], open_timeout=30,
+                         additional_headers={"Authorization": proxied.authorization})
+            break
+        except TimeoutError:
+            if attempt == 2:
+                raise
+    with ws:
         assert ws.subprotocol == "prefect"
         ws.send(json.dumps({"type": "auth", "token": proxied.auth_string}))
         assert json.loads(ws.recv(timeout=30)) == {"type": "auth_success"}
