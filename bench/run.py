@@ -49,8 +49,10 @@ TUNABLES = ("INGEST_WORKER_POLL_SECONDS", "INGEST_WARM_FLOW_RUNS")
 # bench_latency is a pipeline with the shipped defaults (batches of 1,000 records or 1 s).
 # bench_chunk has the throughput settings of the README's performance section: big
 # batches, given time to fill under load (every batch is a flow run, about one CPU-second
-# of overhead each), one task run per 1,000 records. The record pipeline keeps batches
-# small enough that a flow run's per-record task runs start while the next batch fills.
+# of overhead each) even when two consumers share the stream (each fills its own batches,
+# at half the rate: with 3 s they made twice the runs), one task run per 1,000 records. The record pipeline keeps the shipped
+# batches (1,000 records or 1 s): a flow run's per-record task runs start while the next
+# batch fills, and several runs share the two cores; bigger batches measured slower.
 PIPELINES = """
 [pipelines.bench_latency]
 sink_table = "bench_latency"
@@ -356,14 +358,14 @@ def print_table(results: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20_000, help="records of the throughput runs (default 20000)")
-    parser.add_argument("--record-records", type=int, default=3_000,
-                        help="records of the `record` granularity run and of the ceiling flow (default 3000)")
+    parser.add_argument("--record-records", type=int, default=20_000,
+                        help="records of the `record` granularity run and of the ceiling flow (default 20000)")
     parser.add_argument("--rate", type=float, default=20, help="records/s of the low-rate latency run (default 20)")
     parser.add_argument("--seconds", type=float, default=60, help="length of each latency run (default 60)")
     parser.add_argument("--chunk-batch", type=int, default=5000, help="max_records of the chunk pipeline")
-    parser.add_argument("--record-batch", type=int, default=3000, help="max_records of the record pipeline")
-    parser.add_argument("--chunk-linger-ms", type=int, default=3000, help="max_linger_ms of the chunk pipeline")
-    parser.add_argument("--record-linger-ms", type=int, default=3000, help="max_linger_ms of the record pipeline")
+    parser.add_argument("--record-batch", type=int, default=1000, help="max_records of the record pipeline")
+    parser.add_argument("--chunk-linger-ms", type=int, default=6000, help="max_linger_ms of the chunk pipeline")
+    parser.add_argument("--record-linger-ms", type=int, default=1000, help="max_linger_ms of the record pipeline")
     parser.add_argument("--skip-scale-out", action="store_true", help="skip the 2 consumers + 2 workers run")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args()
