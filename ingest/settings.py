@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=1, description="Prefect worker processes started by `ingest up`; more hosts can add their own."
     )
+    worker_flow_runs: int = Field(
+        4, ge=1, description="Flow runs one worker runs at once; more wait, Scheduled, for a free slot. Each run "
+        "holds up to 8 PostgreSQL connections, and on a few cores more runs at once only share them."
+    )
     max_message_bytes: int = Field(
         1024 * 1024, ge=1, description="Larger messages are dead-lettered as `too_large`."
     )

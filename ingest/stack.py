@@ -86,6 +86,7 @@ def exec_prefect_worker(settings: Settings) -> None:
     if settings.warm_flow_runs:
         os.environ[FORK_SERVER_SOCKET_ENV] = start_fork_server(settings)
     os.execv(BIN / "prefect", ["prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
+                              "--limit", str(settings.worker_flow_runs),
                               "--name", f"ingest-worker-{socket.gethostname()}-{os.getpid()}"])
 
 
