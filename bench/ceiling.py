@@ -1,8 +1,10 @@
 """Prefect's own ceiling: one flow submitting N no-op tasks, in one process, on the same server.
 
-It submits and waits exactly as the `ingest` flow's `record` granularity does, so the
-ratio record_rps / ceiling measures what our tasks and our plumbing add. Prints the
-tasks/second of the flow body (flow start-up excluded) as JSON on stdout.
+It submits and waits exactly as the `ingest` flow's `record` granularity does, with the
+same task runner (threads bounded by the flow's connection pool), so the
+ratio record_rps / ceiling measures what our tasks and our plumbing add. With `default`,
+Prefect's default runner instead (a thread per task not yet running), for reference.
+Prints the tasks/second of the flow body (flow start-up excluded) as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import time
 import orjson
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.ingest import TASK_RUNNER
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="noop-{i}")
@@ -20,7 +25,7 @@ def noop(i: int) -> None:
     return None
 
 
-@flow(name="bench-ceiling", persist_result=False)
+@flow(name="bench-ceiling", persist_result=False, task_runner=TASK_RUNNER)
 def ceiling(count: int) -> float:
     started = time.perf_counter()
     futures = [noop.submit(i) for i in range(count)]
@@ -30,4 +35,5 @@ def ceiling(count: int) -> float:
 
 
 if __name__ == "__main__":
-    print(orjson.dumps({"tasks_per_second": ceiling(int(sys.argv[1]))}).decode())
+    runner = ThreadPoolTaskRunner() if sys.argv[2:] == ["default"] else TASK_RUNNER
+    print(orjson.dumps({"tasks_per_second": ceiling.with_options(task_runner=runner)(int(sys.argv[1]))}).decode())

@@ -298,14 +298,15 @@ def bench_latency(database_url: str, pipeline: str, rate: float, seconds: float)
             "pipeline": pipeline}
 
 
-def bench_ceiling(stack: Stack, count: int) -> float:
+def bench_ceiling(stack: Stack, count: int, runner: str = "ours") -> float:
+    """No-op tasks/s in one flow, with our flows' task runner or (`default`) Prefect's."""
     from ingest.settings import Settings
 
     env = {**stack.env, **Settings(_env_file=None, prefect_api_url=stack.api_url).prefect_environment()}
     # One warm-up run: the first flow of a process registers the flow and imports lazily.
     subprocess.run([sys.executable, str(ROOT / "bench" / "ceiling.py"), "10"], env=env, check=True, capture_output=True)
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "ceiling.py"), str(count)], env=env, check=True,
-                            capture_output=True)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "ceiling.py"), str(count), runner], env=env,
+                            check=True, capture_output=True)
     return orjson.loads(result.stdout.splitlines()[-1])["tasks_per_second"]
 
 
@@ -337,7 +338,8 @@ def print_table(results: dict) -> None:
         f"  {'bare_rps (aio-pika + upsert, no Prefect)':<42}{t['bare_rps']:>10.0f}",
         f"  {'chunk_rps (full system, chunk)':<42}{t['chunk_rps']:>10.0f}",
         f"  {'record_rps (full system, record)':<42}{t['record_rps']:>10.0f}",
-        f"  {'prefect_task_ceiling_rps':<42}{t['prefect_task_ceiling_rps']:>10.0f}",
+        f"  {'prefect_task_ceiling_rps (our task runner)':<42}{t['prefect_task_ceiling_rps']:>10.0f}",
+        f"  {'  the same, Prefect default task runner':<42}{t['prefect_task_ceiling_default_runner_rps']:>10.0f}",
         "",
         f"{'latency publish -> stored (ms)':<28}{'p50':>8}{'p95':>8}{'p99':>8}  rate",
         f"  {'low rate, default batching':<26}{lat['p50_ms']:>8}{lat['p95_ms']:>8}{lat['p99_ms']:>8}  {lat['rate']}/s",
@@ -397,9 +399,12 @@ def main() -> int:
                 record_rps = bench_through(ingest_db, "bench_record", args.record_records)
                 log(f"record_rps {record_rps:.0f}; Prefect's ceiling: {args.record_records} no-op tasks")
                 ceiling_rps = bench_ceiling(stack, args.record_records)
-                log(f"ceiling {ceiling_rps:.0f}/s")
+                log(f"ceiling {ceiling_rps:.0f}/s; again with Prefect's default task runner")
+                default_runner_rps = bench_ceiling(stack, args.record_records, "default")
+                log(f"ceiling with the default runner {default_runner_rps:.0f}/s")
         results["throughput"] = {"bare_rps": round(bare_rps, 1), "chunk_rps": round(chunk_rps, 1),
-                                 "record_rps": round(record_rps, 1), "prefect_task_ceiling_rps": round(ceiling_rps, 1)}
+                                 "record_rps": round(record_rps, 1), "prefect_task_ceiling_rps": round(ceiling_rps, 1),
+                                 "prefect_task_ceiling_default_runner_rps": round(default_runner_rps, 1)}
         results["latency"] = low
         results["memory"] = memory.megabytes()
         if not args.skip_scale_out:

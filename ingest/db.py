@@ -108,10 +108,14 @@ def ensure_sink_table(conn: psycopg.Connection, table: str) -> None:
 _pools: dict[str, "ConnectionPool"] = {}
 
 
+# Connections of a flow-run process; its task runs use at most this many threads (flows/ingest.py).
+POOL_SIZE = 8
+
+
 def pool(url: str) -> "ConnectionPool":
     """A process-wide pool per database, for the threads of a flow run's tasks."""
     from psycopg_pool import ConnectionPool
 
     if url not in _pools:
-        _pools[url] = ConnectionPool(url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True)
+        _pools[url] = ConnectionPool(url, min_size=1, max_size=POOL_SIZE, kwargs={"autocommit": True}, open=True)
     return _pools[url]
