@@ -34,6 +34,11 @@ from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Test-only fault injection (`make faults`): when set, a message carrying this header kills
+# the consumer process outright, as a crash in a C extension would, on every delivery.
+# Never set in production.
+CRASH_HEADER = os.environ.get("INGEST_TEST_CRASH_HEADER")
+
 Entry = tuple[Accepted, AbstractIncomingMessage]
 
 
@@ -96,6 +101,8 @@ class PipelineConsumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         metrics.RECEIVED.labels(self.pipeline.name).inc()
+        if CRASH_HEADER and CRASH_HEADER in (message.headers or {}):
+            os.kill(os.getpid(), signal.SIGKILL)
         try:
             record = decode(message.body, message.content_type, self.app.settings.max_message_bytes)
         except InvalidMessage as exc:
