@@ -8,6 +8,7 @@ said on the line), count.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections import Counter
@@ -51,6 +52,7 @@ class Suite:
         """`checks`: notes of the fault that are counts too (the line fails unless they are 0)."""
         pipeline = self.pipelines[f"faults_{name}"]
         special = Special(poison, {CRASH_HEADER: "1"}) if poison is not None else None
+        log_start = self.stack.log_path.stat().st_size
         producer = Producer(self.rabbit.url, pipeline.name, f"{name}-{uuid.uuid4().hex[:6]}", self.records,
                             seconds, copies, special).start()
         try:
@@ -63,6 +65,8 @@ class Suite:
                        poison={producer.message_id(poison)} if poison is not None else set())
         if producer.errors:
             notes["unconfirmed"] = len(producer.errors)
+        if exits := self.exits_since(log_start):
+            notes["exits"] = exits
         report.counts |= {k: notes.pop(k) for k in checks}
         report.extra |= notes
         return report
@@ -78,6 +82,13 @@ class Suite:
             raise RuntimeError(f"ingest replay runs failed:\n{result.stdout}\n{result.stderr}")
         wait_settled(self.observer, pipeline, SETTLE_SECONDS)
         return {"redriven": "+".join(f"{n}{state}" for state, n in sorted(ended.items()))}
+
+    def exits_since(self, offset: int) -> str:
+        """Programs that exited (supervisord's log lines), e.g. `consumer-0:3`."""
+        with open(self.stack.log_path, "rb") as log:
+            log.seek(offset)
+            exited = Counter(m.group(1).decode() for m in re.finditer(rb"exited: (\S+) ", log.read()))
+        return ",".join(f"{name}:{n}" for name, n in sorted(exited.items()))
 
     def restore(self) -> None:
         """After a scenario, whatever happened: broker, database and every program up again."""
