@@ -86,6 +86,7 @@ def main() -> int:
                 # Recover within seconds, not the production defaults' tens of seconds.
                 "INGEST_STUCK_BATCH_SECONDS": "5",
                 "INGEST_SUBMIT_MAX_BACKOFF_SECONDS": "5",
+                "INGEST_ABANDONED_RUN_SECONDS": "20",
                 "INGEST_TEST_CRASH_HEADER": scenarios.CRASH_HEADER,
             },
         )
