@@ -1,5 +1,6 @@
-"""Faults on the core path: a consumer killed mid-batch, the Prefect server down, a worker dead
-while starting a run. (`make faults` runs more, against a stack under supervisord.)"""
+"""Faults on the core path: a consumer killed mid-batch, a message that kills consumers, the
+Prefect server down, a worker dead while starting a run. (`make faults` runs more, against a
+stack under supervisord.)"""
 
 from __future__ import annotations
 
@@ -127,3 +128,27 @@ def test_run_abandoned_in_pending_by_a_dead_worker_is_scheduled_again(stack):
         stack.start("worker", "worker")
     assert_exactly_once(stack, pipeline, source, 50)
 
+
+def test_message_that_kills_consumers_is_dead_lettered_alone(stack):
+    """A message that kills its consumer on every delivery (as a crash in a C extension would;
+    here the test-only crash header) ends in the DLQ by the delivery limit, and the records
+    delivered with it are stored. Each crash counted a delivery for every message the consumer
+    held, so they used to reach the limit and be dead-lettered with it."""
+    pipeline = stack.pipeline("poison")
+    source = f"poison-{uuid.uuid4().hex[:8]}"
+    messages = records(source, 301)
+    poison = messages[150]
+    messages[150] = Outgoing(poison.body, poison.message_id, headers={"x-test-crash": "1"})
+    stack.publish(pipeline.name, messages)  # queued before the consumer starts: many are delivered with it
+    crashes = 0
+    for _ in range(2 * pipeline.delivery_limit):  # supervisord's part: restart the consumer when it dies
+        consumer = stack.start("consumer-poison", "consumer", "-p", pipeline.name,
+                               env={"INGEST_TEST_CRASH_HEADER": "x-test-crash"})
+        wait_for(lambda: not consumer.alive or stack.queue_depth(pipeline.dlq), 120, "a crash or a dead letter", stack)
+        if consumer.alive:
+            break
+        crashes += 1
+    assert crashes >= 1
+    assert_exactly_once(stack, pipeline, source, 300)
+    dead = stack.dead_letters(pipeline)
+    assert [(m.message_id, m.headers["x-first-death-reason"]) for m in dead] == [(poison.message_id, "delivery_limit")]
