@@ -79,6 +79,12 @@ class Observer:
             if len(page) < 200:
                 return runs
 
+    def rescheduled(self, run_id: str) -> bool:
+        """Whether consumers scheduled this run again after a dead worker left it Pending."""
+        states = httpx.get(f"{self.api_url}/flow_run_states/", params={"flow_run_id": run_id},
+                           timeout=30).raise_for_status().json()
+        return any("its worker is gone" in (state.get("message") or "") for state in states)
+
     def outstanding(self, pipeline: Pipeline) -> str | None:
         """What is still on its way (None once nothing is): queued messages, batches, runs."""
         queue = self.queue(pipeline.queue)
@@ -140,5 +146,6 @@ def count(observer: Observer, pipeline: Pipeline, producer: Producer, poison: se
             "attempted": len(producer.attempted), "confirmed": len(producer.confirmed), "stored": len(stored),
             "dead_lettered": len(dead), "batches": batches, "runs": len(runs),
             "run_states": ",".join(f"{k}:{v}" for k, v in sorted(Counter(r["state_name"] for r in runs).items())),
+            "rescheduled": sum(observer.rescheduled(r["id"]) for r in runs),
         },
     )
