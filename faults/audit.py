@@ -23,6 +23,9 @@ from psycopg import sql
 from faults.producer import Producer
 from ingest.pipelines import Pipeline
 
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}  # flow-run state types that are over
+
+
 @dataclass
 class Report:
     counts: dict[str, int]  # lost, duplicated, unexpected, misdead, and a scenario's own checks: all must be 0
@@ -98,9 +101,6 @@ class Observer:
         if running:
             return f"flow runs not final: {dict(running)}"
         return None
-
-
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def wait_settled(observer: Observer, pipeline: Pipeline, timeout: float) -> None:
