@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install system-deps run test bench status clean
+.PHONY: install system-deps run test bench faults status clean
 
 # The venv is rebuilt when the pins change; requirements*.lock pin the whole tree.
 $(BIN)/ingest: pyproject.toml requirements.lock requirements-test.lock
@@ -41,6 +41,13 @@ test: install system-deps
 # starts itself; prints a table and writes bench/results.json (about 10 minutes).
 bench: install
 	$(BIN)/python bench/run.py
+
+# Kills, restarts and outages against the real stack (supervisord, as in production) on a
+# PostgreSQL and a RabbitMQ of its own; one line per scenario, exit 1 if anything was lost
+# or duplicated (about 7 minutes). FAULTS_ARGS: e.g. --records 1500, --only poison.
+FAULTS_ARGS ?=
+faults: install
+	$(BIN)/python faults/run.py $(FAULTS_ARGS)
 
 status: install
 	$(BIN)/ingest status

@@ -27,7 +27,6 @@ import uuid
 from pathlib import Path
 
 import aio_pika
-import httpx
 import orjson
 import psycopg
 from psycopg import sql
@@ -35,13 +34,12 @@ from psycopg import sql
 # bench/ is not a package; the scratch databases are the tests' (TEST_DATABASE_URL, TEST_AMQP_URL).
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
 from fixtures.services import AMQP_URL, create_database, delete_queues, drop_database  # noqa: E402
-from fixtures.stack import free_port  # noqa: E402
+from fixtures.supervised import SupervisedStack  # noqa: E402
 from records import record  # noqa: E402
 
 from ingest.publisher import Publisher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 PUBLISH_CONCURRENCY = 500
 # Settings the stack takes from our environment, to compare runs with and without them.
 TUNABLES = ("INGEST_WORKER_POLL_SECONDS", "INGEST_WARM_FLOW_RUNS")
@@ -228,59 +226,10 @@ def bench_bare(database_url: str, count: int) -> float:
 # --- the whole system ---------------------------------------------------------------------
 
 
-class Stack:
-    """`ingest up` on its own databases, pipelines file, work pool and port."""
-
-    def __init__(self, home: Path, ingest_db: str, prefect_db: str, pipelines: str, consumers: int, workers: int):
-        self.api_url = f"http://127.0.0.1:{free_port()}/api"
-        (home / "pipelines.toml").write_text(pipelines)
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "INGEST_")) or k in TUNABLES},
-            "INGEST_AMQP_URL": AMQP_URL,
-            "INGEST_DATABASE_URL": ingest_db,
-            "INGEST_PREFECT_DATABASE_URL": prefect_db,
-            "INGEST_PREFECT_API_URL": self.api_url,
-            "INGEST_PIPELINES_FILE": str(home / "pipelines.toml"),
-            "INGEST_WORK_POOL": f"bench-{uuid.uuid4().hex[:6]}",
-            "INGEST_CONSUMERS": str(consumers),
-            "INGEST_WORKERS": str(workers),
-            "INGEST_RUN_DIR": str(home / f"run-{consumers}-{workers}"),
-            "PREFECT_HOME": str(home / "prefect-home"),
-        }
-        self.workers = workers
-        self.log_path = home / f"stack-{consumers}-{workers}.log"
-
-    def __enter__(self) -> "Stack":
-        log(f"starting the stack ({self.env['INGEST_CONSUMERS']} consumer(s), {self.workers} worker(s)); "
-            f"log: {self.log_path}")
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen([str(BIN / "ingest"), "up"], env=self.env, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while not self._ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"the stack did not come up; see {self.log_path}")
-            time.sleep(1)
-        return self
-
-    def _ready(self) -> bool:
-        pool = self.env["INGEST_WORK_POOL"]
-        try:
-            deployments = httpx.post(f"{self.api_url}/deployments/filter", json={}, timeout=5).json()
-            workers = httpx.post(f"{self.api_url}/work_pools/{pool}/workers/filter", json={}, timeout=5).json()
-        except (httpx.HTTPError, ValueError):
-            return False
-        return (isinstance(workers, list) and len(deployments) >= 2
-                and sum(w.get("status") == "ONLINE" for w in workers) >= self.workers)
-
-    def __exit__(self, *exc) -> None:
-        self.process.send_signal(signal.SIGTERM)  # `ingest up` stops supervisord, consumers first
-        try:
-            self.process.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+def stack(home: Path, ingest_db: str, prefect_db: str, pipelines: str, consumers: int, workers: int) -> SupervisedStack:
+    log(f"starting the stack ({consumers} consumer(s), {workers} worker(s)); log: {home}/stack-bench-{consumers}x{workers}.log")
+    return SupervisedStack(home, f"bench-{consumers}x{workers}", AMQP_URL, ingest_db, prefect_db, pipelines,
+                           consumers, workers, inherit=TUNABLES)
 
 
 def bench_through(database_url: str, pipeline: str, count: int) -> float:
@@ -298,7 +247,7 @@ def bench_latency(database_url: str, pipeline: str, rate: float, seconds: float)
             "pipeline": pipeline}
 
 
-def bench_ceiling(stack: Stack, count: int, runner: str = "ours") -> float:
+def bench_ceiling(stack: SupervisedStack, count: int, runner: str = "ours") -> float:
     """No-op tasks/s in one flow, with our flows' task runner or (`default`) Prefect's."""
     from ingest.settings import Settings
 
@@ -388,7 +337,7 @@ def main() -> int:
         with PeakMemory() as memory:
             # Latency first, on a quiet stack: after thousands of task runs the Prefect server
             # spends a minute or more writing their events, and every run waits for it.
-            with Stack(home, ingest_db, prefect_db, pipelines, consumers=1, workers=1) as stack:
+            with stack(home, ingest_db, prefect_db, pipelines, consumers=1, workers=1) as running:
                 log(f"latency at {args.rate}/s for {args.seconds:.0f}s")
                 low = bench_latency(ingest_db, "bench_latency", args.rate, args.seconds)
                 log(f"low-rate latency {low}; chunk granularity: {args.records} records")
@@ -398,9 +347,9 @@ def main() -> int:
                 log(f"half-load latency {low['half_load']}; record granularity: {args.record_records} records")
                 record_rps = bench_through(ingest_db, "bench_record", args.record_records)
                 log(f"record_rps {record_rps:.0f}; Prefect's ceiling: {args.record_records} no-op tasks")
-                ceiling_rps = bench_ceiling(stack, args.record_records)
+                ceiling_rps = bench_ceiling(running, args.record_records)
                 log(f"ceiling {ceiling_rps:.0f}/s; again with Prefect's default task runner")
-                default_runner_rps = bench_ceiling(stack, args.record_records, "default")
+                default_runner_rps = bench_ceiling(running, args.record_records, "default")
                 log(f"ceiling with the default runner {default_runner_rps:.0f}/s")
         results["throughput"] = {"bare_rps": round(bare_rps, 1), "chunk_rps": round(chunk_rps, 1),
                                  "record_rps": round(record_rps, 1), "prefect_task_ceiling_rps": round(ceiling_rps, 1),
@@ -413,7 +362,7 @@ def main() -> int:
             # differ by up to 10% here, and each figure is the mean of its two.
             scale: dict[int, list[float]] = {1: [], 2: []}
             for each in (1, 2, 1, 2):
-                with Stack(home, ingest_db, prefect_db, pipelines, consumers=each, workers=each):
+                with stack(home, ingest_db, prefect_db, pipelines, consumers=each, workers=each):
                     log(f"scale-out: chunk granularity, {args.records} records, {each} consumer(s) + {each} worker(s)")
                     scale[each].append(bench_through(ingest_db, "bench_chunk", args.records))
             one, two = statistics.mean(scale[1]), statistics.mean(scale[2])

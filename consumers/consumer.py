@@ -13,6 +13,8 @@ import signal
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from uuid import uuid4
 
 import aio_pika
@@ -24,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 from consumers import metrics
 from consumers.batcher import Batcher
 from consumers.deadletter import DeadLetterer
+from consumers.poison import PoisonGuard
 from consumers.submit import Submitter
 from consumers.topology import declare_topology
 from ingest import inbox
@@ -34,7 +37,13 @@ from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Test-only fault injection (`make faults`): when set, a message carrying this header kills
+# the consumer process outright, as a crash in a C extension would, on every delivery.
+# Never set in production.
+CRASH_HEADER = os.environ.get("INGEST_TEST_CRASH_HEADER")
+
 Entry = tuple[Accepted, AbstractIncomingMessage]
+T = TypeVar("T")
 
 
 class PipelineConsumer:
@@ -52,6 +61,7 @@ class PipelineConsumer:
         self.channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await self.channel.set_qos(prefetch_count=self.pipeline.prefetch)
         self.deadletterer = DeadLetterer(self.channel, self.pipeline)
+        self.guard = PoisonGuard(self.app.pool, self.pipeline.name)
         await self.deadletterer.start()
         self.queue = await self.channel.get_queue(self.pipeline.queue, ensure=True)
         self.consumer_tag = await self.queue.consume(self.incoming.put, no_ack=False)
@@ -96,7 +106,15 @@ class PipelineConsumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         metrics.RECEIVED.labels(self.pipeline.name).inc()
+        key = message_key(message.body, message.message_id)
+        # A redelivered message may be the one a consumer died of: see consumers/poison.py.
+        if message.redelivered and not await self._retrying(
+                f"message {key[:40]}: poison check", lambda: self.guard.enter(key)):
+            await self._return_poison(message, key)
+            return
         try:
+            if CRASH_HEADER and CRASH_HEADER in (message.headers or {}):
+                os.kill(os.getpid(), signal.SIGKILL)
             record = decode(message.body, message.content_type, self.app.settings.max_message_bytes)
         except InvalidMessage as exc:
             try:
@@ -107,8 +125,19 @@ class PipelineConsumer:
                           message.message_id or message.delivery_tag, publish_error)
                 await message.nack(requeue=True)
             return
-        key = message_key(message.body, message.message_id)
+        finally:
+            if message.redelivered:
+                await self._retrying(f"message {key[:40]}: poison check", lambda: self.guard.leave(key))
         self.batcher.add((Accepted(key, record, message.body), message), len(message.body))
+
+    async def _return_poison(self, message: AbstractIncomingMessage, key: str) -> None:
+        """Return it untouched: the broker dead-letters it once it reaches the delivery limit."""
+        deliveries = int((message.headers or {}).get("x-delivery-count", 0)) + 1
+        log.error("message %s of %s: a consumer died handling it; returned untouched (delivery %d, limit %d)",
+                  message.message_id or key[:40], self.pipeline.name, deliveries, self.pipeline.delivery_limit)
+        if deliveries > self.pipeline.delivery_limit:  # this return dead-letters it: the note has served
+            await self._retrying(f"message {key[:40]}: poison check", lambda: self.guard.leave(key))
+        await message.nack(requeue=True)
 
     async def _flush(self) -> None:
         if not self.batcher.items:
@@ -152,21 +181,26 @@ class PipelineConsumer:
 
 
     async def _write(self, batch_id, entries: list[Entry]) -> int:
-        """Write the batch, retrying for as long as the database is unreachable."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((psycopg.OperationalError, psycopg.InterfaceError)),
-            wait=wait_random_exponential(multiplier=0.5, max=10),
-            before_sleep=lambda rs: log.warning(
-                "batch %s (%s): inbox write failed, retrying: %s",
-                batch_id, self.pipeline.name, rs.outcome.exception(),
-            ),
-        ):
-            with attempt, metrics.INBOX_WRITE.labels(self.pipeline.name).time():
+        async def write() -> int:
+            with metrics.INBOX_WRITE.labels(self.pipeline.name).time():
                 async with self.app.pool.connection() as conn:
                     return await inbox.write_batch(
                         conn, self.pipeline.name, batch_id, [a for a, _ in entries],
                         self.app.settings.stuck_batch_seconds,
                     )
+
+        return await self._retrying(f"batch {batch_id} ({self.pipeline.name}): inbox write", write)
+
+    @staticmethod
+    async def _retrying(what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run `operation` again for as long as the database is unreachable (nothing is acked meanwhile)."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((psycopg.OperationalError, psycopg.InterfaceError)),
+            wait=wait_random_exponential(multiplier=0.5, max=10),
+            before_sleep=lambda rs: log.warning("%s failed, retrying: %s", what, rs.outcome.exception()),
+        ):
+            with attempt:
+                return await operation()
 
     async def _dead_letter_refused(self, entries: list[Entry]) -> list[Entry]:
         kept = []

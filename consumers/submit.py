@@ -4,6 +4,9 @@ A batch is submitted right after its commit; if Prefect is unreachable the batch
 `pending` in PostgreSQL with a backoff, and a sweep (in every consumer) retries it. A batch
 whose consumer died before submitting is picked up by the sweep once its lease expires.
 The idempotency key is the batch id, so submitting twice still makes one flow run.
+
+A run can also be lost after its creation: a worker claims it (Pending) and dies before it
+starts it, and Prefect leaves it Pending for ever. The consumers schedule such runs again.
 """
 
 from __future__ import annotations
@@ -11,9 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.states import Scheduled
 from psycopg_pool import AsyncConnectionPool
 
 from consumers import metrics
@@ -39,6 +48,7 @@ class Submitter:
         self.in_flight: set[asyncio.Task] = set()
         self.sweeper: asyncio.Task | None = None
         self.gauges: asyncio.Task | None = None
+        self.rescuer: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.client = get_client()
@@ -46,10 +56,11 @@ class Submitter:
         self.sweeper = asyncio.create_task(self._sweep_forever(), name="submit-sweep")
         # Apart from the sweep, which waits on Prefect for as long as it is down.
         self.gauges = asyncio.create_task(self._measure_backlog_forever(), name="backlog-gauges")
+        self.rescuer = asyncio.create_task(self._reschedule_abandoned_forever(), name="abandoned-runs")
 
     async def close(self, timeout: float) -> None:
         """Let submissions in flight finish (those that do not stay pending), then close."""
-        for task in (self.sweeper, self.gauges):
+        for task in (self.sweeper, self.gauges, self.rescuer):
             if task:
                 task.cancel()
         if self.in_flight:
@@ -130,3 +141,39 @@ class Submitter:
             except Exception as exc:  # the database down: the gauges keep their last values
                 log.warning("backlog gauges not updated: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(interval)
+
+    async def _reschedule_abandoned_forever(self) -> None:
+        """Schedule again the runs a worker claimed and died before starting (see the module doc).
+
+        Every consumer does it; a run another one rescheduled is no longer Pending. Should the
+        run start after all, it runs once more: harmless, a run processes what is not done.
+        """
+        interval = min(30.0, self.settings.abandoned_run_seconds / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for run in await self._abandoned_runs():
+                    await self._reschedule(run)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Prefect down: the next round will do
+                log.warning("abandoned flow runs not checked: %s: %s", type(exc).__name__, exc)
+
+    async def _abandoned_runs(self) -> list[FlowRun]:
+        deployments = [await self._deployment_id(pipeline) for pipeline in self.pipelines]
+        runs = await self.client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployments)),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING]))),
+            limit=200,
+        )
+        since = datetime.now(timezone.utc) - timedelta(seconds=self.settings.abandoned_run_seconds)
+        return [run for run in runs if run.state and run.state.timestamp < since]
+
+    async def _reschedule(self, run: FlowRun) -> None:
+        current = await self.client.read_flow_run(run.id)
+        if current.state is None or current.state.id != run.state.id:  # it moved on meanwhile
+            return
+        message = f"Pending since {run.state.timestamp:%H:%M:%S} UTC: its worker is gone; scheduled again"
+        await self.client.set_flow_run_state(run.id, Scheduled(message=message), force=True)
+        log.warning("flow run %s (%s): %s", run.id, run.name, message)

@@ -94,9 +94,10 @@ async def refusal(conn: psycopg.AsyncConnection, accepted: Accepted) -> str | No
     """Why PostgreSQL would refuse this record's values, or None."""
     try:
         async with conn.transaction():
-            await conn.execute("SELECT %s::jsonb, %s::timestamptz, %s::text, %s::text, %s::text",
+            # Every value the inbox stores, the message key too: a message id may hold U+0000.
+            await conn.execute("SELECT %s::jsonb, %s::timestamptz, %s::text, %s::text, %s::text, %s::text",
                                (accepted.body.decode("utf-8"), accepted.record.occurred_at, accepted.record.source,
-                                accepted.record.id, accepted.record.type))
+                                accepted.record.id, accepted.record.type, accepted.message_key))
     except psycopg.DataError as exc:
         return str(exc).strip()
     return None

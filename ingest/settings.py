@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         gt=0,
         description="A pending batch untouched this long (its consumer died) is submitted by any consumer.",
     )
+    abandoned_run_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A flow run still Pending this long was claimed by a worker that died before starting it "
+        "(Prefect never recovers such a run): consumers schedule it again. Runs start in seconds.",
+    )
     run_dir: Path = Field(
         PROJECT_ROOT / ".run", description="Where `ingest up` keeps supervisord's socket and pid file."
     )

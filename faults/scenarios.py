@@ -1,0 +1,222 @@
+"""The faults, one function each: inject it while a producer publishes; return notes for the line.
+
+Each scenario has its own pipeline (queue, DLQ, sink table, deployment), so its counts
+see only its own records. `Suite.run` does what every scenario shares: publish, inject,
+wait until settled, re-drive runs that ended Failed or Crashed (as an operator would, and
+said on the line), count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from faults.audit import Observer, Report, count, wait_settled
+from faults.producer import Producer, Special
+from faults.services import PrivatePostgres, PrivateRabbit
+from fixtures.supervised import SupervisedStack
+from ingest.pipelines import Pipeline
+
+CRASH_HEADER = "x-test-crash"  # the stack runs with INGEST_TEST_CRASH_HEADER set to it
+SETTLE_SECONDS = 300
+PUBLISH_SECONDS = 20
+OUTAGE_SECONDS = 5  # broker and database restarts: down this long
+
+
+@dataclass
+class Suite:
+    stack: SupervisedStack
+    postgres: PrivatePostgres
+    rabbit: PrivateRabbit
+    observer: Observer
+    pipelines: dict[str, Pipeline]
+    records: int
+
+    def ctl(self, *args: str) -> str:
+        """supervisorctl of the stack (`ingest ctl`)."""
+        result = self.stack.ingest("ctl", *args, timeout=120)
+        return (result.stdout + result.stderr).strip()
+
+    def pid(self, program: str) -> int:
+        return int(self.ctl("pid", program))
+
+    def inbox(self, pipeline: Pipeline) -> int:
+        return self.observer.query("SELECT count(*) FROM inbox WHERE pipeline = %s", (pipeline.name,))[0][0]
+
+    def run(self, name: str, fault: Callable, seconds: float = PUBLISH_SECONDS, copies: int = 1,
+            poison: int | None = None, checks: tuple[str, ...] = ()) -> Report:
+        """`checks`: notes of the fault that are counts too (the line fails unless they are 0)."""
+        pipeline = self.pipelines[f"faults_{name}"]
+        special = Special(poison, {CRASH_HEADER: "1"}) if poison is not None else None
+        log_start = self.stack.log_path.stat().st_size
+        redelivered = self.redelivered(pipeline)
+        producer = Producer(self.rabbit.url, pipeline.name, f"{name}-{uuid.uuid4().hex[:6]}", self.records,
+                            seconds, copies, special).start()
+        try:
+            notes = fault(self, pipeline, producer) or {}
+        finally:
+            producer.join()
+        wait_settled(self.observer, pipeline, SETTLE_SECONDS)
+        notes |= self.redrive(pipeline)
+        report = count(self.observer, pipeline, producer,
+                       poison={producer.message_id(poison)} if poison is not None else set())
+        now = self.redelivered(pipeline)
+        notes["redelivered"] = now if now < redelivered else now - redelivered  # a restarted broker counts from 0
+        if producer.errors:
+            notes["unconfirmed"] = len(producer.errors)
+        if exits := self.exits_since(log_start):
+            notes["exits"] = exits
+        report.counts |= {k: notes.pop(k) for k in checks}
+        report.extra |= notes
+        return report
+
+    def redrive(self, pipeline: Pipeline) -> dict:
+        """Runs that ended Failed or Crashed are retried with `ingest replay runs`, as an operator would."""
+        ended = Counter(r["state_name"] for r in self.observer.flow_runs(pipeline)
+                        if r["state_type"] in ("FAILED", "CRASHED"))
+        if not ended:
+            return {}
+        result = self.stack.ingest("replay", "runs", "-p", pipeline.name, "--wait", "--timeout", str(SETTLE_SECONDS))
+        if result.returncode != 0:
+            raise RuntimeError(f"ingest replay runs failed:\n{result.stdout}\n{result.stderr}")
+        wait_settled(self.observer, pipeline, SETTLE_SECONDS)
+        return {"redriven": "+".join(f"{n}{state}" for state, n in sorted(ended.items()))}
+
+    def redelivered(self, pipeline: Pipeline) -> int:
+        """Messages the broker delivered again (returned by a consumer that died, or nacked)."""
+        return self.observer.queue(pipeline.queue).get("message_stats", {}).get("redeliver", 0)
+
+    def exits_since(self, offset: int) -> str:
+        """Programs that exited (supervisord's log lines), e.g. `consumer-0:3`."""
+        with open(self.stack.log_path, "rb") as log:
+            log.seek(offset)
+            exited = Counter(m.group(1).decode() for m in re.finditer(rb"exited: (\S+) ", log.read()))
+        return ",".join(f"{name}:{n}" for name, n in sorted(exited.items()))
+
+    def restore(self) -> None:
+        """After a scenario, whatever happened: broker, database and every program up again."""
+        if not self.rabbit.running():
+            self.rabbit.start()
+        if not self.postgres.running():
+            self.postgres.start()
+        self.ctl("start", "all")
+        wait_until(self.stack.ready, 300, "the stack ready again")
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def into_publishing(suite: Suite, producer: Producer, share: float) -> None:
+    """Until `share` of the records are confirmed: the fault comes while records flow."""
+    wait_until(lambda: len(producer.confirmed) >= share * producer.count, 300, f"{share:.0%} of the records confirmed")
+
+
+def restarted(suite: Suite, program: str, old_pid: int) -> bool:
+    try:
+        return suite.pid(program) not in (0, old_pid)
+    except ValueError:  # "ERROR (no such process)" meanwhile
+        return False
+
+
+# --- the scenarios ----------------------------------------------------------------------------
+
+
+def consumer_kill(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    """SIGKILL a consumer while it has a batch in hand; supervisord restarts it."""
+    wait_until(lambda: suite.inbox(pipeline) >= 0.25 * producer.count, 300, "a quarter of the records committed")
+    pid = suite.pid("consumer:consumer-0")
+    suite.ctl("signal", "KILL", "consumer:consumer-0")
+    wait_until(lambda: restarted(suite, "consumer:consumer-0", pid), 120, "supervisord to restart the consumer")
+    return {"killed_pid": pid}
+
+
+def rabbitmq_restart(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    into_publishing(suite, producer, 0.3)
+    started = time.monotonic()
+    suite.rabbit.stop()
+    time.sleep(OUTAGE_SECONDS)
+    suite.rabbit.start()
+    return {"broker_down_s": round(time.monotonic() - started)}
+
+
+def postgres_restart(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    wait_until(lambda: suite.inbox(pipeline) >= 0.3 * producer.count, 300, "30% of the records committed")
+    started = time.monotonic()
+    suite.postgres.stop("fast")
+    time.sleep(OUTAGE_SECONDS)
+    suite.postgres.start()
+    return {"database_down_s": round(time.monotonic() - started)}
+
+
+PREFECT_DOWN_SECONDS = 60
+
+
+def prefect_down(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    into_publishing(suite, producer, 0.15)
+    suite.ctl("stop", "prefect-server")
+    time.sleep(PREFECT_DOWN_SECONDS)
+    suite.ctl("start", "prefect-server")
+    return {"server_down_s": PREFECT_DOWN_SECONDS}
+
+
+def worker_kill(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    """SIGKILL the worker while a flow run of this pipeline runs; what becomes of that run?"""
+    pid = suite.pid("prefect-worker:prefect-worker-0")
+    running = wait_until(lambda: [r for r in suite.observer.flow_runs(pipeline) if r["state_type"] == "RUNNING"],
+                         300, "a running flow run", interval=0.05)
+    # At once (`supervisorctl signal KILL` takes a second to start): runs last about a second.
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: restarted(suite, "prefect-worker:prefect-worker-0", pid), 120, "the worker restarted")
+    run_id = running[0]["id"]
+    final = wait_until(lambda: next((r["state_name"] for r in suite.observer.flow_runs(pipeline)
+                                     if r["id"] == run_id and r["state_type"] not in ("RUNNING", "PENDING",
+                                                                                        "SCHEDULED")), None),
+                       SETTLE_SECONDS, "the run the kill interrupted to end")
+    return {"run_running_at_kill": final}
+
+
+def poison(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    """The poison message is published with the others (Suite.run); nothing to do but wait."""
+    return {}
+
+
+def same_id(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    """Three producers publish every record with the same message id (Suite.run, copies=3)."""
+    return {"copies": producer.copies}
+
+
+def consumer_stop(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    """`supervisorctl stop` (SIGTERM): the consumer finishes its batches; nothing goes back to the
+    queue (`redelivered`, a check of this scenario, counted by Suite.run)."""
+    wait_until(lambda: suite.inbox(pipeline) >= 0.3 * producer.count, 300, "30% of the records committed")
+    suite.ctl("stop", "consumer:consumer-0")
+    producer.join()  # the other consumer takes the rest
+    suite.ctl("start", "consumer:consumer-0")
+    return {}
+
+
+def scenarios(records: int) -> dict[str, Callable[[Suite], Report]]:
+    """Name -> what runs it, in the issue's order."""
+    return {
+        "consumer_kill": lambda s: s.run("consumer_kill", consumer_kill),
+        "rabbitmq_restart": lambda s: s.run("rabbitmq_restart", rabbitmq_restart),
+        "postgres_restart": lambda s: s.run("postgres_restart", postgres_restart),
+        # Published over the outage and beyond, so records arrive before, during and after it.
+        "prefect_down": lambda s: s.run("prefect_down", prefect_down, seconds=PREFECT_DOWN_SECONDS + 30),
+        "worker_kill": lambda s: s.run("worker_kill", worker_kill),
+        "poison": lambda s: s.run("poison", poison, poison=records // 2),
+        "same_id": lambda s: s.run("same_id", same_id, copies=3),
+        "consumer_stop": lambda s: s.run("consumer_stop", consumer_stop, checks=("redelivered",)),
+    }

@@ -1,0 +1,143 @@
+"""Private PostgreSQL and RabbitMQ instances the fault suite starts, restarts and removes.
+
+The suite restarts the broker and the database on purpose, so it never uses the shared
+ones: each instance here lives in its own directory, on free ports, and is removed at the
+end. Binaries come from the distribution's packages (Debian's layout, as in the image
+and in CI).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from fixtures.stack import free_port
+
+
+def _binary(name: str, candidates: list[str]) -> str:
+    for pattern in candidates:
+        if found := sorted(glob.glob(pattern)):
+            return found[-1]  # the highest version
+    if path := shutil.which(name):
+        return path
+    raise FileNotFoundError(f"{name} not found (install the distribution's package)")
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of its own: initdb into a directory, trust auth on 127.0.0.1."""
+
+    def __init__(self, home: Path):
+        self.bin = Path(_binary("pg_ctl", ["/usr/lib/postgresql/*/bin/pg_ctl"])).parent
+        self.dir = home / "postgres"
+        self.data, self.log = self.dir / "data", self.dir / "postgres.log"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
+        # PostgreSQL refuses to run as root: the cluster belongs to the postgres user then.
+        self.user = "postgres" if os.geteuid() == 0 else None
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self.user:
+            command = ["runuser", "-u", self.user, "--", *command]
+        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=120)
+
+    def start(self) -> "PrivatePostgres":
+        if not self.data.exists():
+            self.dir.mkdir(parents=True)
+            if self.user:
+                entry = pwd.getpwnam(self.user)
+                os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        # The socket goes into our directory too: the shared server owns the default one.
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start",
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
+
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    def remove(self) -> None:
+        if self.data.exists():
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of its own name, ports, data, logs and Erlang cookie (with management)."""
+
+    def __init__(self, home: Path):
+        self.server = _binary("rabbitmq-server", ["/usr/lib/rabbitmq/bin/rabbitmq-server"])
+        self.ctl = _binary("rabbitmqctl", ["/usr/lib/rabbitmq/bin/rabbitmqctl"])
+        self.dir = home / "rabbitmq"
+        self.node = f"ingest-faults-{uuid.uuid4().hex[:6]}@localhost"
+        self.port, self.management_port = free_port(), free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.management_url = f"http://127.0.0.1:{self.management_port}"
+        self.process: subprocess.Popen | None = None
+        self.env = {
+            **os.environ,
+            "HOME": str(self.dir),  # the Erlang cookie: ours, not the shared node's
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_PID_FILE": str(self.dir / "rabbitmq.pid"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+        }
+
+    def _write_config(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "rabbitmq-env.conf").write_text("")  # not the system's, which names the shared node
+        (self.dir / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+            # Queue depths fresh enough to tell when a queue has drained.
+            "collect_statistics_interval = 1000\n"
+        )
+
+    def start(self) -> "PrivateRabbit":
+        if not (self.dir / "rabbitmq.conf").exists():
+            self._write_config()
+        with open(self.dir / "server.log", "ab") as log:
+            self.process = subprocess.Popen([self.server], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, cwd=self.dir)
+        deadline = time.monotonic() + 120
+        while self._ctl("await_startup", "--timeout", "10").returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"RabbitMQ node {self.node} did not start; see {self.dir / 'server.log'}")
+        return self
+
+    def _ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([self.ctl, "-n", self.node, *args], env=self.env, capture_output=True, text=True,
+                              timeout=180)
+
+    def stop(self) -> None:
+        """Stop the node as an operator would (rabbitmqctl stop), and wait for its process."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self._ctl("stop")
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+            self.process.wait(10)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
