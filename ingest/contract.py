@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError,
+)
 
 Reason = Literal["not_utf8", "not_json", "not_object", "invalid", "too_large", "unsupported_content_type"]
 
@@ -37,6 +40,16 @@ def _rfc3339_string(value: Any) -> Any:
     return value
 
 
+def _within_utc_years(value: datetime) -> datetime:
+    # Stored as timestamptz and read back in UTC: Python's datetime, which the flows read it
+    # into, holds only years 1 to 9999, so 0001-01-01T00:00:00+01:00 would fail every run.
+    try:
+        value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("must fall within the years 1 to 9999 once converted to UTC") from None
+    return value
+
+
 Key = Annotated[StrictStr, Field(min_length=1, max_length=512)]
 
 
@@ -48,7 +61,7 @@ class Record(BaseModel):
     id: Key = Field(description="Identifier of the record within its source.")
     source: Key = Field(description="System the record comes from.")
     type: Key = Field(description="Kind of record, e.g. `order.created`.")
-    occurred_at: Annotated[AwareDatetime, BeforeValidator(_rfc3339_string)] = Field(
+    occurred_at: Annotated[AwareDatetime, BeforeValidator(_rfc3339_string), AfterValidator(_within_utc_years)] = Field(
         description="When it happened, RFC 3339 with a UTC offset; an older version never overwrites a newer one."
     )
     data: dict[str, Any] = Field(description="The payload, stored exactly as sent.")

@@ -176,6 +176,8 @@ def test_not_object(raw, kind):
         ({"occurred_at": 1714564800}, "occurred_at"),
         ({"occurred_at": "2024-05-01T12:00:00"}, "occurred_at"),
         ({"occurred_at": "yesterday"}, "occurred_at"),
+        ({"occurred_at": "0001-01-01T00:00:00+01:00"}, "occurred_at"),
+        ({"occurred_at": "9999-12-31T23:00:00-02:00"}, "occurred_at"),
         ({"colour": "red"}, "colour"),
         ({"id": ""}, "id"),
         ({"id": "x" * 513}, "id"),
@@ -187,7 +189,8 @@ def test_not_object(raw, kind):
     ],
     ids=[
         "missing-source", "missing-data", "id-int", "source-null", "type-list", "occurred_at-number",
-        "occurred_at-no-offset", "occurred_at-garbage", "unknown-field", "empty-id", "id-too-long",
+        "occurred_at-no-offset", "occurred_at-garbage", "occurred_at-before-year-1-in-utc",
+        "occurred_at-after-year-9999-in-utc", "unknown-field", "empty-id", "id-too-long",
         "data-list", "data-string", "schema_version-0", "schema_version-string", "schema_version-bool",
     ],
 )
@@ -196,6 +199,11 @@ def test_invalid_names_the_field(changes, field):
 
     assert error.reason == "invalid"
     assert error.error.startswith(f"{field}: ")
+
+
+def test_timestamp_at_the_edge_of_the_years_python_holds_is_accepted():
+    assert decode(body(occurred_at="0001-01-01T00:00:00Z")).occurred_at.year == 1
+    assert decode(body(occurred_at="9999-12-31T23:59:59+00:00")).occurred_at.year == 9999
 
 
 def test_unknown_field_lists_the_allowed_ones():
