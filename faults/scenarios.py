@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from faults.audit import Observer, Report, count, wait_settled
 from faults.producer import Producer, Special
 from faults.services import PrivatePostgres, PrivateRabbit
+from fixtures.stack import wait_for
 from fixtures.supervised import SupervisedStack
 from ingest.pipelines import Pipeline
 
@@ -123,12 +124,8 @@ class Suite:
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    """The tests' poll, more often: faults are timed against what the stack is doing."""
+    return wait_for(check, timeout, what, interval=interval)
 
 
 def into_publishing(suite: Suite, producer: Producer, share: float) -> None:
