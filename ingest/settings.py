@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         4, ge=1, description="Flow runs one worker runs at once; more wait, Scheduled, for a free slot. Each run "
         "holds up to 8 PostgreSQL connections, and on a few cores more runs at once only share them."
     )
+    prefect_event_history: bool = Field(
+        False, description="Store Prefect's events for the UI's Event Feed. Off by default: per-record task runs "
+        "send the Prefect server three events each, storing them takes about a third of its CPU, and under load "
+        "its in-memory event bus drops them when the store falls behind. Flow and task runs are recorded either way."
+    )
     max_message_bytes: int = Field(
         1024 * 1024, ge=1, description="Larger messages are dead-lettered as `too_large`."
     )
@@ -144,6 +149,14 @@ class Settings(BaseSettings):
             # them flow runs, whenever the host is briefly saturated, e.g. by a burst of runs.
             "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
             "PREFECT_SERVER_DATABASE_TIMEOUT": "30",
+            # The server records task runs from their state events. One transaction per event
+            # (Prefect's default) records about 16 task runs a second here: far behind a
+            # `record` batch, so its event queue fills and further events, with the task runs
+            # the UI shows per record, are dropped. In batches it keeps up; the UI shows them
+            # at most a second late.
+            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": str(self.prefect_event_history).lower(),
             **self._prefect_auth_environment(),
         }
 

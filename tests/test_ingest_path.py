@@ -178,3 +178,27 @@ def test_a_value_postgresql_refuses_is_dead_lettered_and_its_batch_goes_on(stack
     assert letter.headers["x-error-reason"] == "invalid"
     assert "PostgreSQL refused it" in letter.headers["x-error"]
     assert stack.scalar("SELECT count(*) FROM inbox WHERE source = %s", (source,)) == 20
+
+
+def test_every_record_of_a_burst_has_its_task_run_in_prefect(stack):
+    """`record` granularity promises one task run per record in the UI; a burst must not lose any.
+
+    Prefect's server records task runs from their events, through an in-memory queue that
+    drops events once it holds 10,000; with its default of one transaction per event it fell
+    so far behind a burst like this one that most task runs were never recorded.
+    """
+    pipeline = stack.pipeline("visible")
+    source = f"visible-{uuid.uuid4().hex[:8]}"
+    count = 4000
+    stack.publish(pipeline.name, [message(orjson.dumps(envelope(source, i, T0, 1)), f"{source}-{i}")
+                                  for i in range(count)])
+    wait_for(lambda: stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,)) == count,
+             240, "the burst stored", stack)
+
+    def completed_task_runs() -> int:
+        body = {"flows": {"name": {"any_": ["ingest"]}}, "deployments": {"name": {"any_": [pipeline.name]}},
+                "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+        return httpx.post(f"{stack.api_url}/task_runs/count", json=body, timeout=30).json()
+
+    wait_for(lambda: completed_task_runs() == count, 120, f"{count} completed task runs in Prefect", stack)
+    assert "dropping message" not in stack.processes["server"].log_path.read_text(errors="replace")
