@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     )
     prefect_event_history: bool = Field(
         False, description="Store Prefect's events for the UI's Event Feed. Off by default: per-record task runs "
-        "send the Prefect server three events each, storing them takes about a third of its CPU, and under load "
+        "send the Prefect server three events each, storing them takes 20 to 35% of its CPU, and under load "
         "its in-memory event bus drops them when the store falls behind. Flow and task runs are recorded either way."
     )
     max_message_bytes: int = Field(
