@@ -149,6 +149,11 @@ class Settings(BaseSettings):
             # them flow runs, whenever the host is briefly saturated, e.g. by a burst of runs.
             "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
             "PREFECT_SERVER_DATABASE_TIMEOUT": "30",
+            # While its database restarts, the server answers 500. A flow run that had stored
+            # its records then failed to report Completed, and its worker to report it
+            # Crashed: it stayed Running for good. Prefect's clients retry 500 too, with
+            # backoff (2, 4, 8, 16, 32 s); creating a run is idempotent (the batch id is the key).
+            "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
             # The server records task runs from their state events. One transaction per event
             # (Prefect's default) records about 16 task runs a second here: far behind a
             # `record` batch, so its event queue fills and further events, with the task runs
