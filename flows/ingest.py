@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from uuid import UUID
 
-from prefect import flow, get_client, get_run_logger, runtime
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_table_artifact
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.recording import submit_within_window
 from ingest import db, inbox
 from ingest.inbox import InboxRecord
 from ingest.pipelines import Pipeline, load_pipeline
@@ -24,30 +24,6 @@ from ingest.settings import get_settings
 from tasks.process import process_chunk, process_record
 
 ARTIFACT_ROWS = 1000
-
-# The Prefect server records task runs from their state events, queued in memory, and drops
-# events once 10,000 wait. Task runs can finish much faster than it records them (per-record
-# tasks here: about twice as fast on two cores), and a dropped event is a task run missing
-# from the UI for good. So a run submits a task run only while at most RECORDING_WINDOW of
-# its earlier ones are unrecorded: 3 events each, a few runs at once, well under the limit.
-RECORDING_WINDOW = 300
-# Bounded, so that a server that lost events for another reason (a restart) cannot stall a run.
-RECORDING_WAIT_SECONDS = 60
-FINAL_TASK_RUN_STATES = ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]
-
-
-def _wait_until_recorded(flow_run_id: UUID, count: int) -> None:
-    """Until the server has recorded `count` finished task runs of this flow run."""
-    body = {"flow_runs": {"id": {"any_": [str(flow_run_id)]}},
-            "task_runs": {"state": {"type": {"any_": FINAL_TASK_RUN_STATES}}}}
-    deadline = time.monotonic() + RECORDING_WAIT_SECONDS
-    with get_client(sync_client=True) as client:
-        while (recorded := client.request("POST", "/task_runs/count", json=body).json()) < count:
-            if time.monotonic() > deadline:
-                get_run_logger().warning("the Prefect server has recorded %d of %d task runs after %ds; going on",
-                                         recorded, count, RECORDING_WAIT_SECONDS)
-                return
-            time.sleep(0.2)
 
 
 def _run_per_record(records: list[InboxRecord], pipeline: Pipeline, run_id: UUID) -> dict[str, str]:
@@ -59,11 +35,7 @@ def _run_per_record(records: list[InboxRecord], pipeline: Pipeline, run_id: UUID
     # logged, at ERROR). And quote() keeps it from walking the parameters for futures:
     # there are none, and the walk costs about 0.4 ms a record.
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
-    futures = []
-    for submitted, record in enumerate(records):
-        if run_id and submitted >= RECORDING_WINDOW and submitted % 100 == 0:
-            _wait_until_recorded(run_id, submitted - RECORDING_WINDOW)
-        futures.append(task.submit(quote(record), quote(pipeline), run_id))
+    futures = submit_within_window(task, ((quote(record), quote(pipeline), run_id) for record in records), run_id)
     failures = {}
     for record, future in zip(records, futures):
         future.wait()
