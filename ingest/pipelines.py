@@ -34,6 +34,12 @@ class Batching(_Strict):
     max_records: int = Field(1000, ge=1, le=10_000, description="Records per batch (one flow run each).")
     max_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Sum of message bodies per batch.")
     max_linger_ms: int = Field(1000, ge=1, description="Longest a record waits for its batch to fill.")
+    # For bursts: once a burst ends, its last batch would wait out the whole linger. Off by
+    # default, because under a trickle slower than one record per max_idle_ms every record
+    # would become a batch, and a flow run, of its own.
+    max_idle_ms: int | None = Field(
+        None, ge=1, description="Commit a batch early once no record has arrived for this long (default: off)."
+    )
 
 
 class Enrichment(_Strict):

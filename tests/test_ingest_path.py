@@ -180,6 +180,18 @@ def test_a_value_postgresql_refuses_is_dead_lettered_and_its_batch_goes_on(stack
     assert stack.scalar("SELECT count(*) FROM inbox WHERE source = %s", (source,)) == 20
 
 
+def test_the_end_of_a_burst_is_committed_once_nothing_more_arrives(stack):
+    """With max_idle_ms the last batch of a burst goes once the stream goes quiet, long
+    before its linger (10 minutes here) ends; records arriving together share one batch."""
+    pipeline = stack.pipeline("burst")
+    source = f"burst-{uuid.uuid4().hex[:8]}"
+    stack.publish(pipeline.name, [message(orjson.dumps(envelope(source, i, T0, 1)), f"{source}-{i}")
+                                  for i in range(30)])
+    wait_for(lambda: stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,)) == 30,
+             60, "the burst stored before its linger", stack)
+    assert stack.scalar("SELECT count(DISTINCT batch_id) FROM inbox WHERE source = %s", (source,)) == 1
+
+
 def test_every_record_of_a_burst_has_its_task_run_in_prefect(stack):
     """`record` granularity promises one task run per record in the UI; a burst must not lose any.
 

@@ -116,3 +116,37 @@ def test_linger_restarts_for_the_next_batch(batcher, clock):
 
     assert batcher.due is False
     assert batcher.seconds_left() == pytest.approx(0.5)
+
+
+def test_idle_limit_is_off_by_default(batcher, clock):
+    batcher.add("a", 1)
+    clock.now += 0.4
+
+    assert batcher.seconds_left() == pytest.approx(0.1)
+
+
+def test_due_once_no_item_arrived_for_the_idle_time(clock):
+    batcher = Batcher(Batching(max_records=100, max_linger_ms=5000, max_idle_ms=200), clock=clock)
+    batcher.add("a", 1)
+    clock.now += 0.15
+    batcher.add("b", 1)  # each item restarts the idle time
+    assert batcher.seconds_left() == pytest.approx(0.2)
+
+    clock.now += 0.199
+    assert batcher.due is False
+    clock.now += 0.001
+
+    assert batcher.due is True
+
+
+def test_linger_still_bounds_a_batch_whose_items_keep_coming(clock):
+    batcher = Batcher(Batching(max_records=100, max_linger_ms=500, max_idle_ms=200), clock=clock)
+    batcher.add("x", 1)
+    for _ in range(7):  # steps exact in binary, so that the linger ends exactly
+        clock.now += 0.0625
+        batcher.add("x", 1)
+    assert batcher.seconds_left() == pytest.approx(0.0625)  # linger: 0.5 - 0.4375; idle would give 0.2
+
+    clock.now += 0.0625
+
+    assert batcher.due is True
