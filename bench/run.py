@@ -27,7 +27,6 @@ import uuid
 from pathlib import Path
 
 import aio_pika
-import httpx
 import orjson
 import psycopg
 from psycopg import sql
@@ -35,6 +34,7 @@ from psycopg import sql
 # bench/ is not a package; the scratch databases are the tests' (TEST_DATABASE_URL, TEST_AMQP_URL).
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
 from fixtures.services import AMQP_URL, create_database, delete_queues, drop_database  # noqa: E402
+from fixtures.stack import completed_task_runs  # noqa: E402
 from fixtures.supervised import SupervisedStack  # noqa: E402
 from records import record  # noqa: E402
 
@@ -241,12 +241,6 @@ def bench_through(database_url: str, pipeline: str, count: int) -> float:
     started = asyncio.run(publish_burst(pipeline, source, count))
     last = wait_stored(database_url, pipeline, source, count, 900)
     return count / (last - started)
-
-
-def completed_task_runs(api_url: str, flow_runs: dict) -> int:
-    """Task runs the Prefect server has recorded as Completed, of the flow runs `flow_runs` selects."""
-    body = {**flow_runs, "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
-    return httpx.post(f"{api_url}/task_runs/count", json=body, timeout=60).json()
 
 
 def wait_recorded(api_url: str, flow_runs: dict, count: int, started: float) -> dict:

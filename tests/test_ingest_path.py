@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from fixtures.stack import Outgoing, wait_for
+from fixtures.stack import Outgoing, completed_task_runs, wait_for
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -206,11 +206,7 @@ def test_every_record_of_a_burst_has_its_task_run_in_prefect(stack):
                                   for i in range(count)])
     wait_for(lambda: stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,)) == count,
              240, "the burst stored", stack)
-
-    def completed_task_runs() -> int:
-        body = {"flows": {"name": {"any_": ["ingest"]}}, "deployments": {"name": {"any_": [pipeline.name]}},
-                "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
-        return httpx.post(f"{stack.api_url}/task_runs/count", json=body, timeout=30).json()
-
-    wait_for(lambda: completed_task_runs() == count, 120, f"{count} completed task runs in Prefect", stack)
+    runs = {"flows": {"name": {"any_": ["ingest"]}}, "deployments": {"name": {"any_": [pipeline.name]}}}
+    wait_for(lambda: completed_task_runs(stack.api_url, runs) == count, 120, f"{count} completed task runs in Prefect",
+             stack)
     assert "dropping message" not in stack.processes["server"].log_path.read_text(errors="replace")
