@@ -38,7 +38,7 @@ test: install system-deps
 	$(BIN)/python -m pytest
 
 # End-to-end throughput, latency and memory against a bare consumer, on the real stack it
-# starts itself; prints a table and writes bench/results.json (about 10 minutes).
+# starts itself; prints a table and writes bench/results.json (15 to 20 minutes).
 bench: install
 	$(BIN)/python bench/run.py
 

@@ -7,7 +7,7 @@ consumer(s)) on fresh databases, then Prefect's own task ceiling (bench/ceiling.
 Throughput is first publish to last row stored, read from the sink's `ingested_at`
 (PostgreSQL's clock, the same host's), so polling does not blur it.
 
-Writes bench/results.json and prints a table. Takes about 15 minutes.
+Writes bench/results.json and prints a table. Takes 15 to 20 minutes.
 """
 
 from __future__ import annotations
