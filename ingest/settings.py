@@ -152,8 +152,14 @@ class Settings(BaseSettings):
             # While its database restarts, the server answers 500. A flow run that had stored
             # its records then failed to report Completed, and its worker to report it
             # Crashed: it stayed Running for good. Prefect's clients retry 500 too, with
-            # backoff (2, 4, 8, 16, 32 s); creating a run is idempotent (the batch id is the key).
+            # backoff (2, 4, 8, ... s; see below); creating a run is idempotent (the batch id is the key).
             "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
+            # Prefect's 5 retries back off for 62 s in all: a flow run that lost its server
+            # for 60 s (our fault suite's outage) ran out of them before the server was back,
+            # could not report its end, and stayed Running for good. 7 retries ride out
+            # about 4 minutes (2 s, doubling). A process that never reached the server is not
+            # retried on a refused connection (Prefect's rule), so commands still fail fast.
+            "PREFECT_CLIENT_MAX_RETRIES": "7",
             # The server records task runs from their state events. One transaction per event
             # (Prefect's default) records about 16 task runs a second here: far behind a
             # `record` batch, so its event queue fills and further events, with the task runs
