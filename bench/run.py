@@ -258,11 +258,12 @@ def wait_recorded(api_url: str, flow_runs: dict, count: int, started: float) -> 
 def bench_record(stack: SupervisedStack, database_url: str, count: int) -> dict:
     """`record` granularity: records stored a second, and task runs the server recorded a second."""
     source = f"bench_record-{uuid.uuid4().hex[:6]}"
+    dropped_before = dropped_events(stack)
     started = asyncio.run(publish_burst("bench_record", source, count))
     last = wait_stored(database_url, "bench_record", source, count, 900)
     runs = {"flows": {"name": {"any_": ["ingest"]}}, "deployments": {"name": {"any_": ["bench_record"]}}}
     return {"rps": count / (last - started), **wait_recorded(stack.api_url, runs, count, started),
-            "events_dropped": dropped_events(stack)}
+            "events_dropped": dropped_events(stack) - dropped_before}
 
 
 def bench_latency(database_url: str, pipeline: str, rate: float, seconds: float) -> dict:
@@ -282,12 +283,13 @@ def bench_ceiling(stack: SupervisedStack, count: int, window: bool = True) -> di
     ceiling = [sys.executable, str(ROOT / "bench" / "ceiling.py")]
     # One warm-up run: the first flow of a process registers the flow and imports lazily.
     subprocess.run([*ceiling, "10"], env=env, check=True, capture_output=True)
+    dropped_before = dropped_events(stack)
     result = subprocess.run([*ceiling, str(count), *([] if window else ["--no-window"])], env=env,
                             check=True, capture_output=True)
     flow = orjson.loads(result.stdout.splitlines()[-1])
     runs = {"flow_runs": {"id": {"any_": [flow["flow_run_id"]]}}}
     return {"rps": flow["tasks_per_second"], **wait_recorded(stack.api_url, runs, count, flow["started_at"]),
-            "events_dropped": dropped_events(stack)}
+            "events_dropped": dropped_events(stack) - dropped_before}
 
 
 def dropped_events(stack: SupervisedStack) -> int:
@@ -402,13 +404,12 @@ def main() -> int:
                                  "record_rps": round(record["rps"], 1),
                                  "prefect_task_ceiling_rps": round(ceiling["rps"], 1)}
         # Per-record visibility: the task runs the server recorded, how fast, and the state
-        # events it dropped meanwhile (the log's count grows, so each run's is the difference).
+        # events it dropped during each run.
+        recorded = ("task_runs_recorded", "recorded_rps", "events_dropped")
         results["task_runs_recorded"] = {
-            "record": {k: record[k] for k in ("task_runs_recorded", "recorded_rps", "events_dropped")},
-            "ceiling": {k: ceiling[k] for k in ("task_runs_recorded", "recorded_rps")}
-            | {"events_dropped": ceiling["events_dropped"] - record["events_dropped"]},
-            "ceiling_without_window": {k: unwindowed[k] for k in ("rps", "task_runs_recorded", "recorded_rps")}
-            | {"events_dropped": unwindowed["events_dropped"] - ceiling["events_dropped"]},
+            "record": {k: record[k] for k in recorded},
+            "ceiling": {k: ceiling[k] for k in recorded},
+            "ceiling_without_window": {k: unwindowed[k] for k in ("rps", *recorded)},
             "of_each": args.record_records}
         results["latency"] = low
         results["memory"] = memory.megabytes()
