@@ -40,14 +40,14 @@ test: install system-deps
 # End-to-end throughput, latency and memory against a bare consumer, on the real stack it
 # starts itself; prints a table and writes bench/results.json (15 to 20 minutes).
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
 
 # Kills, restarts and outages against the real stack (supervisord, as in production) on a
 # PostgreSQL and a RabbitMQ of its own; one line per scenario, exit 1 if anything was lost
 # or duplicated (about 7 minutes). FAULTS_ARGS: e.g. --records 1500, --only poison.
 FAULTS_ARGS ?=
 faults: install
-	$(BIN)/python faults/run.py $(FAULTS_ARGS)
+	$(BIN)/python -m faults.run $(FAULTS_ARGS)
 
 status: install
 	$(BIN)/ingest status

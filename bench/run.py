@@ -31,14 +31,13 @@ import orjson
 import psycopg
 from psycopg import sql
 
-# bench/ is not a package; the scratch databases are the tests' (TEST_DATABASE_URL, TEST_AMQP_URL).
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
-from fixtures.services import AMQP_URL, create_database, delete_queues, drop_database  # noqa: E402
-from fixtures.stack import completed_task_runs  # noqa: E402
-from fixtures.supervised import SupervisedStack  # noqa: E402
-from records import record  # noqa: E402
-
-from ingest.publisher import Publisher  # noqa: E402
+from bench.records import record
+from consumers.publisher import Publisher
+from ingest.waiting import TimedOut, poll
+# The scratch databases are the tests' (TEST_DATABASE_URL, TEST_AMQP_URL).
+from tests.fixtures.services import AMQP_URL, create_database, delete_queues, drop_database
+from tests.fixtures.stack import completed_task_runs
+from tests.fixtures.supervised import SupervisedStack
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_CONCURRENCY = 500
@@ -89,17 +88,18 @@ def log(message: str) -> None:
 
 def wait_stored(database_url: str, table: str, source: str, count: int, timeout: float) -> float:
     """Wait until `count` rows of `source` are in `table`; return the epoch of the last one stored."""
-    deadline = time.monotonic() + timeout
     query = sql.SQL("SELECT count(*), extract(epoch FROM max(ingested_at)) FROM {} WHERE source = %s").format(
         sql.Identifier(table))
-    stored = 0
-    while time.monotonic() < deadline:
+
+    def read() -> tuple[int, float | None]:
         with psycopg.connect(database_url) as conn:
-            stored, last = conn.execute(query, (source,)).fetchone()
-        if stored >= count:
-            return float(last)
-        time.sleep(0.25)
-    raise TimeoutError(f"{table}: {stored} of {count} records of {source} stored after {timeout:.0f}s")
+            return conn.execute(query, (source,)).fetchone()
+
+    try:
+        _, last = poll(read, until=lambda row: row[0] >= count, timeout=timeout, interval=0.25, what="stored")
+    except TimedOut as exc:
+        raise TimeoutError(f"{table}: {exc.last[0]} of {count} records of {source} stored after {timeout:.0f}s") from None
+    return float(last)
 
 
 def latencies_ms(database_url: str, table: str, source: str) -> list[float]:
@@ -246,12 +246,17 @@ def bench_through(database_url: str, pipeline: str, count: int) -> float:
 def wait_recorded(api_url: str, flow_runs: dict, count: int, started: float) -> dict:
     """Wait until the server has recorded `count` completed task runs, or until it records no
     more for 30 s (it drops events it cannot keep up with). Returns how many and how fast."""
-    recorded, progress_at = 0, time.time()
-    while recorded < count and time.time() - progress_at < 30:
-        time.sleep(0.5)
+    seen = {"recorded": 0, "progress_at": time.time()}
+
+    def read() -> dict:
         now = completed_task_runs(api_url, flow_runs)
-        if now != recorded:
-            recorded, progress_at = now, time.time()
+        if now != seen["recorded"]:
+            seen.update(recorded=now, progress_at=time.time())
+        return seen
+
+    poll(read, until=lambda s: s["recorded"] >= count or time.time() - s["progress_at"] >= 30, interval=0.5,
+         what="task runs recorded")
+    recorded, progress_at = seen["recorded"], seen["progress_at"]
     return {"task_runs_recorded": recorded, "recorded_rps": round(recorded / (progress_at - started), 1)}
 
 

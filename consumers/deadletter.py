@@ -28,6 +28,18 @@ def dead_letter_of(message: AbstractIncomingMessage, error: InvalidMessage, pipe
     return aio_pika.Message(message.body, headers=headers, **kept)
 
 
+def dead_letter_reason(headers: dict) -> str:
+    """Why a dead letter died: our consumers set x-error-reason; the broker's own
+    dead-lettering (delivery limit) sets x-first-death-reason."""
+    if "x-error-reason" in headers:
+        reason = headers["x-error-reason"]
+        return reason.decode() if isinstance(reason, bytes) else str(reason)
+    reason = headers.get("x-first-death-reason")
+    if reason:
+        return reason.decode() if isinstance(reason, bytes) else str(reason)
+    return "unknown"
+
+
 class DeadLetterer:
     def __init__(self, channel: AbstractChannel, pipeline: Pipeline):
         self.channel = channel

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -22,6 +21,7 @@ from psycopg import sql
 
 from faults.producer import Producer
 from ingest.pipelines import Pipeline
+from ingest.waiting import TimedOut, poll
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}  # flow-run state types that are over
 
@@ -105,17 +105,19 @@ class Observer:
 
 def wait_settled(observer: Observer, pipeline: Pipeline, timeout: float) -> None:
     """Until nothing is outstanding twice in a row (queue statistics lag a second or so)."""
-    deadline, settled, last = time.monotonic() + timeout, 0, "nothing read yet"
-    while time.monotonic() < deadline:
+    readings: list[str] = []
+
+    def read() -> list[str]:
         try:
-            last = observer.outstanding(pipeline) or ""
+            readings.append(observer.outstanding(pipeline) or "")
         except (httpx.HTTPError, psycopg.Error) as exc:  # a service still coming back
-            last = f"{type(exc).__name__}: {exc}"
-        settled = settled + 1 if not last else 0
-        if settled == 2:
-            return
-        time.sleep(2)
-    raise TimeoutError(f"not settled after {timeout:.0f}s: {last}")
+            readings.append(f"{type(exc).__name__}: {exc}")
+        return readings[-2:]
+
+    try:
+        poll(read, until=lambda last_two: last_two == ["", ""], timeout=timeout, interval=2, what="settled")
+    except TimedOut:
+        raise TimeoutError(f"not settled after {timeout:.0f}s: {readings[-1]}") from None
 
 
 def count(observer: Observer, pipeline: Pipeline, producer: Producer, poison: set[str] = frozenset()) -> Report:

@@ -1,7 +1,7 @@
 """A producer that keeps publishing while a fault is injected, and remembers what it sent.
 
 Like a careful real producer it publishes with confirms and `mandatory`, and publishes a
-message again (same message id) when the broker did not confirm it (ingest.publisher).
+message again (same message id) when the broker did not confirm it (consumers/publisher.py).
 It records every message id it attempted and every one the broker confirmed: the suite's
 counts are made against these two sets.
 """
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 import orjson
 
-from ingest.publisher import Publisher
+from consumers.publisher import Publisher
 
 # Enough retries to outlast a broker restart (the backoff tops out at 5 s between them).
 PUBLISH_RETRIES = 40

@@ -24,14 +24,12 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# faults/ is run as a script; the stack helpers live with the tests' fixtures (as for bench/).
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from faults import scenarios  # noqa: E402
-from faults.audit import Observer  # noqa: E402
-from faults.services import PrivatePostgres, PrivateRabbit  # noqa: E402
-from fixtures.supervised import SupervisedStack  # noqa: E402
-from ingest.pipelines import load_pipelines  # noqa: E402
+from faults import scenarios
+from faults.audit import Observer
+from faults.services import PrivatePostgres, PrivateRabbit
+from ingest.pipelines import load_pipelines
+from tests.fixtures.supervised import SupervisedStack
+
 
 # Small batches, so that every scenario makes many flow runs and faults land in the middle of some.
 PIPELINE = """

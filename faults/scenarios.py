@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from faults.audit import Observer, Report, count, wait_settled
 from faults.producer import Producer, Special
 from faults.services import PrivatePostgres, PrivateRabbit
-from fixtures.stack import wait_for
-from fixtures.supervised import SupervisedStack
+from tests.fixtures.stack import wait_for
+from tests.fixtures.supervised import SupervisedStack
 from ingest.pipelines import Pipeline
 
 CRASH_HEADER = "x-test-crash"  # the stack runs with INGEST_TEST_CRASH_HEADER set to it

@@ -13,11 +13,11 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
-from fixtures.stack import free_port
+from ingest.waiting import TimedOut, poll
+from tests.fixtures.stack import free_port
 
 
 def _binary(name: str, candidates: list[str]) -> str:
@@ -114,10 +114,16 @@ class PrivateRabbit:
         with open(self.dir / "server.log", "ab") as log:
             self.process = subprocess.Popen([self.server], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, cwd=self.dir)
-        deadline = time.monotonic() + 120
-        while self._ctl("await_startup", "--timeout", "10").returncode != 0:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"RabbitMQ node {self.node} did not start; see {self.dir / 'server.log'}")
+
+        def started() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError("the node exited")
+            return self._ctl("await_startup", "--timeout", "10").returncode == 0
+
+        try:
+            poll(started, timeout=120, interval=0, what=f"RabbitMQ node {self.node}")
+        except (TimedOut, RuntimeError):
+            raise RuntimeError(f"RabbitMQ node {self.node} did not start; see {self.dir / 'server.log'}") from None
         return self
 
     def _ctl(self, *args: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ runs again), while a new backfill of the same window reprocesses.
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from uuid import UUID
 
@@ -17,9 +16,11 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Completed, Failed, State
 
 from ingest import db, inbox
-from ingest.backfill import Mode, TimeField, Window, as_utc, assign_batches, previous_day
 from ingest.pipelines import load_pipeline
 from ingest.settings import get_settings
+from ingest.times import as_utc
+from ingest.waiting import poll
+from ingest.windows import Mode, TimeField, Window, assign_batches, previous_day
 
 POLL_SECONDS = 2.0
 
@@ -64,7 +65,16 @@ def backfill(
     with get_client(sync_client=True) as client:
         deployment_id = client.read_deployment_by_name(config.deployment).id
         waiting, running, finished = list(batch_ids), {}, {}
-        while waiting or running:
+
+        def advance() -> bool:
+            """Collect the runs that ended, start more up to the limit; True once all ended."""
+            if running:
+                for child, state in _child_states(client, list(running)).items():
+                    if state and state.is_final():
+                        finished[running.pop(child)] = state
+                failed = sum(1 for s in finished.values() if not s.is_completed())
+                logger.info("backfill of %s: %d/%d batches done (%d failed), %d running",
+                            pipeline, len(finished), len(batch_ids), failed, len(running))
             while waiting and len(running) < limit:
                 batch_id = waiting.pop(0)
                 run = client.create_flow_run_from_deployment(
@@ -77,13 +87,9 @@ def backfill(
                 with db.pool(settings.database_url).connection() as conn:
                     conn.execute(inbox.MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": run.id})
                 running[run.id] = batch_id
-            time.sleep(POLL_SECONDS if running else 0)
-            for child, state in _child_states(client, list(running)).items():
-                if state and state.is_final():
-                    finished[running.pop(child)] = state
-            failed = sum(1 for s in finished.values() if not s.is_completed())
-            logger.info("backfill of %s: %d/%d batches done (%d failed), %d running",
-                        pipeline, len(finished), len(batch_ids), failed, len(running))
+            return not running
+
+        poll(advance, interval=POLL_SECONDS, what="the backfill's runs")
 
     failed = {str(b): s.name for b, s in finished.items() if not s.is_completed()}
     if failed:

@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import sys
+from pathlib import Path
 
 SOCKET_ENV = "INGEST_FLOW_RUN_SOCKET"
 _HEADER = struct.Struct("!I")
@@ -95,6 +96,35 @@ def _exit_like(status: int) -> None:
 
 
 # --- the fork server ----------------------------------------------------------------------
+
+STARTUP_SECONDS = 30
+
+
+def start(run_dir: Path) -> str:
+    """Start a fork server (`ingest worker` does, before it execs the Prefect worker); return its socket path.
+
+    It is the caller's child, and stays one when the caller execs the worker (exec keeps
+    the pid); it exits when the worker does. If it is not up in time, flow runs start
+    cold: slower, not broken.
+    """
+    import logging
+    import subprocess
+    import tempfile
+
+    from ingest.waiting import TimedOut, poll
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f"flow-runs-{socket.gethostname()}-{os.getpid()}.sock"
+    if len(str(path)) > 100:  # the limit of a unix socket's path
+        path = Path(tempfile.gettempdir()) / f"ingest-flow-runs-{os.getpid()}.sock"
+    subprocess.Popen([sys.executable, "-m", "flows.forkserver", "serve", str(path)])
+    try:
+        poll(path.exists, timeout=STARTUP_SECONDS, interval=0.1, what="the fork server's socket")
+    except TimedOut:
+        logging.getLogger(__name__).warning(
+            "fork server not ready after %ss: flow runs start cold until it is", STARTUP_SECONDS)
+    return str(path)
+
 
 
 def serve(path: str) -> None:

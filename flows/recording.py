@@ -9,13 +9,14 @@ its earlier ones are unrecorded: 3 events each, a few runs at once, well under t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
 from prefect import Task, get_client, get_run_logger
 from prefect.futures import PrefectFuture
+
+from ingest.waiting import TimedOut, poll
 
 RECORDING_WINDOW = 300
 # Checked every so many submissions: each check is one request to the server.
@@ -42,11 +43,10 @@ def _wait_until_recorded(flow_run_id: UUID, count: int) -> None:
     """Until the server has recorded `count` finished task runs of this flow run."""
     body = {"flow_runs": {"id": {"any_": [str(flow_run_id)]}},
             "task_runs": {"state": {"type": {"any_": FINAL_TASK_RUN_STATES}}}}
-    deadline = time.monotonic() + RECORDING_WAIT_SECONDS
     with get_client(sync_client=True) as client:
-        while (recorded := client.request("POST", "/task_runs/count", json=body).json()) < count:
-            if time.monotonic() > deadline:
-                get_run_logger().warning("the Prefect server has recorded %d of %d task runs after %ds; going on",
-                                         recorded, count, RECORDING_WAIT_SECONDS)
-                return
-            time.sleep(0.2)
+        try:
+            poll(lambda: client.request("POST", "/task_runs/count", json=body).json(), until=lambda n: n >= count,
+                 timeout=RECORDING_WAIT_SECONDS, interval=0.2, what="task runs recorded")
+        except TimedOut as exc:
+            get_run_logger().warning("the Prefect server has recorded %d of %d task runs after %ds; going on",
+                                     exc.last, count, RECORDING_WAIT_SECONDS)

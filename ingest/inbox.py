@@ -40,6 +40,12 @@ class InboxRecord:
         return f"{self.source}/{self.id}"
 
 
+# A record still pending `%(stuck)s` seconds after it arrived: its batch never got a run,
+# or its run crashed or was lost. `ingest status` counts them; a backfill in mode
+# `failed` takes them.
+STUCK = "status = 'pending' AND received_at < now() - make_interval(secs => %(stuck)s)"
+
+
 _INSERT_BATCH = """
 INSERT INTO batches (batch_id, pipeline, record_count, next_attempt_at)
 VALUES (%(batch_id)s, %(pipeline)s, 0, now() + make_interval(secs => %(lease)s))

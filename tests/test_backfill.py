@@ -8,7 +8,7 @@ import uuid
 
 import orjson
 
-from fixtures.stack import Outgoing, wait_for
+from tests.fixtures.stack import Outgoing, wait_for
 
 WINDOW = ("--start", "2030-01-01T00:00:00Z", "--end", "2030-01-02T00:00:00Z")
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import orjson
 
-from fixtures.stack import Outgoing, wait_for
+from tests.fixtures.stack import Outgoing, wait_for
 
 
 def test_failed_records_are_listed_and_a_retry_processes_only_them(stack, enrichment_service):

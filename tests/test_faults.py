@@ -12,7 +12,7 @@ from collections import Counter
 
 import orjson
 
-from fixtures.stack import Outgoing, wait_for
+from tests.fixtures.stack import Outgoing, wait_for
 
 
 def records(source: str, count: int) -> list[Outgoing]:

@@ -9,8 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.fixtures.stack import wait_for
 
 LAUNCHER = str(Path(sys.executable).parent / "ingest-flow-run")
 
@@ -27,10 +28,11 @@ def test_engine_runs_forked_with_the_launchers_arguments_and_its_exit_code_comes
     server = subprocess.Popen([sys.executable, "-m", "flows.forkserver", "serve", str(path)],
                               stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not path.exists():
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()
-            time.sleep(0.1)
+        def listening() -> bool:
+            assert server.poll() is None, server.stderr.read().decode()
+            return path.exists()
+
+        wait_for(listening, 60, "the fork server's socket", interval=0.1)
         # prefect.engine refuses a flow run id that is not a UUID: exit code 1, its error on our stderr.
         result = launch("not-a-uuid", socket_path=str(path))
         err = result.stderr.decode()

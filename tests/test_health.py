@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from fixtures.stack import INGEST, free_port
+from tests.fixtures.stack import INGEST, free_port
 
 
 def health(stack, **overrides: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from fixtures.stack import Outgoing, completed_task_runs, wait_for
+from tests.fixtures.stack import Outgoing, completed_task_runs, wait_for
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -24,10 +24,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from consumers.topology import declare_topology
-from fixtures.services import ADMIN_DATABASE_URL, AMQP_URL
-from ingest import rabbitmq_definitions
+from tests.fixtures.services import ADMIN_DATABASE_URL, AMQP_URL
+from consumers import rabbitmq_definitions
 from ingest.pipelines import Pipeline
-from ingest.publisher import Publisher
+from consumers.publisher import Publisher
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = b'{"id": "1", "source": "lp", "type": "t", "occurred_at": "2024-05-01T12:00:00Z", "data": {}}'
@@ -170,7 +170,7 @@ def as_url(conninfo: str) -> str:
 
 
 def test_app_role_migrates_its_database_and_nothing_else(database_roles):
-    from ingest.bootstrap import prepare_storage
+    from ingest.cli.bootstrap import prepare_storage
     from ingest.settings import Settings
 
     ingest_url = as_url(database_roles["ingest"])

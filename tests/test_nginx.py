@@ -15,8 +15,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from fixtures.browser import Chromium
-from fixtures.proxy import REPO, TEMPLATE, require_program
+from tests.fixtures.browser import Chromium
+from tests.fixtures.proxy import REPO, TEMPLATE, require_program
 
 ARTIFACTS = REPO / "test-artifacts"
 CLIENT = Path(__file__).parent / "fixtures" / "proxy_client.py"
@@ -123,7 +123,7 @@ def test_websocket_route_through_nginx(proxied, route):
 
 def test_ci_creates_the_deployments_through_nginx(proxied):
     """What the deploy job runs: only the Prefect API, reached through the proxy, twice (idempotent)."""
-    from fixtures.stack import INGEST
+    from tests.fixtures.stack import INGEST
 
     for _ in range(2):
         result = subprocess.run([INGEST, "bootstrap", "--prefect-only", "--wait", "120"], env=proxied.client_env(),

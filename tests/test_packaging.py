@@ -42,7 +42,7 @@ def dockerfile_env() -> dict[str, str]:
 def cli_commands() -> set[str]:
     import typer
 
-    from ingest.cli import app
+    from ingest.cli.main import app
 
     return set(typer.main.get_command(app).commands)
 
@@ -158,10 +158,10 @@ def test_nginx_gets_every_template_variable_and_its_files():
 
 
 def test_rabbitmq_definitions_reach_the_broker():
-    from ingest.rabbitmq_definitions import users_from_environment
+    from consumers.rabbitmq_definitions import users_from_environment
 
     one_shot = SERVICES["rabbitmq-definitions"]
-    assert one_shot["entrypoint"][:3] == ["python", "-m", "ingest.rabbitmq_definitions"]
+    assert one_shot["entrypoint"][:3] == ["python", "-m", "consumers.rabbitmq_definitions"]
     written = PurePosixPath(one_shot["entrypoint"][3])
     volume, target = one_shot["volumes"][0].split(":")
     broker_mount = next(v for v in SERVICES["rabbitmq"]["volumes"] if v.startswith(f"{volume}:"))
@@ -213,7 +213,7 @@ def test_requirements_are_pinned_exactly():
 # --- supervisord.conf ---------------------------------------------------------------------
 
 def test_supervisord_programs_and_variables_exist():
-    from ingest.stack import stack_environment
+    from ingest.cli.up import stack_environment
 
     conf = configparser.RawConfigParser()
     conf.read(REPO / "supervisord.conf")
@@ -255,7 +255,7 @@ def test_workflows_build_push_and_deploy():
     assert re.search(r"--entrypoint ingest\b", text) and "bootstrap --prefect-only" in text
     import typer
 
-    from ingest.cli import app
+    from ingest.cli.main import app
 
     bootstrap = typer.main.get_command(app).commands["bootstrap"]
     assert "--prefect-only" in {opt for param in bootstrap.params for opt in param.opts}

@@ -8,7 +8,7 @@ import uuid
 
 import orjson
 
-from fixtures.stack import Outgoing, wait_for
+from tests.fixtures.stack import Outgoing, wait_for
 
 
 def envelope(source: str, record_id: str, data: dict | None = None) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from ingest.cli import app
+from ingest.cli.main import app
 
 
 @pytest.mark.parametrize("args", [

@@ -1,27 +1,59 @@
 """`ingest bootstrap`: everything the system needs, created idempotently.
 
 Storage and queues need only PostgreSQL and RabbitMQ; the work pool and deployments need
-the Prefect API, so `ingest up` runs them once its server answers.
+the Prefect API, so `ingest up` (ingest/cli/up.py) runs them once its server answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import ssl
-import time
+from typing import Annotated
 
-import httpx
+import typer
 
-from ingest import db
+from ingest.cli.common import chosen_pipelines, fail, setup_logging
+from ingest.cli.health import wait_for_prefect
 from ingest.pipelines import Pipeline
-from ingest.settings import Settings
+from ingest.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 
+def bootstrap(
+    skip_prefect: Annotated[bool, typer.Option(help="Only databases, migrations and queues.")] = False,
+    prefect_only: Annotated[
+        bool, typer.Option(help="Only the work pool and deployments (CI/CD: needs only the Prefect API).")
+    ] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the Prefect API to answer.")] = 0,
+) -> None:
+    """Create databases, run migrations, declare queues, create the work pool and deployments.
+
+    Idempotent: running it again changes nothing.
+    """
+    from ingest.db import DatabaseUnavailable
+
+    if skip_prefect and prefect_only:
+        raise fail("--skip-prefect and --prefect-only exclude each other", 2)
+    setup_logging()
+    settings, pipelines = get_settings(), chosen_pipelines()
+    try:
+        if not prefect_only:
+            prepare_storage(settings, pipelines)
+            declare_queues(settings, pipelines)
+        if not skip_prefect:
+            wait_for_prefect(settings, wait or 5)
+            register_deployments(settings, pipelines)
+    except (DatabaseUnavailable, TimeoutError, OSError) as exc:
+        raise fail(str(exc))
+    except Exception as exc:  # e.g. a queue declared with other arguments
+        raise fail(f"{type(exc).__name__}: {exc}")
+    typer.echo("bootstrap complete")
+
+
 def prepare_storage(settings: Settings, pipelines: list[Pipeline]) -> None:
+    from ingest import db
+
     for url in (settings.database_url, settings.prefect_database_url):
         if db.ensure_database(url):
             log.info("created database %s", db.redact(url))
@@ -45,33 +77,6 @@ def declare_queues(settings: Settings, pipelines: list[Pipeline]) -> None:
 
     asyncio.run(declare())
     log.info("topology: exchange ingest, queues %s", ", ".join(f"{p.queue} (+ {p.dlq})" for p in pipelines))
-
-
-def prefect_health(settings: Settings, timeout: float = 5) -> str | None:
-    """Ask the Prefect API's health check once; None if healthy, else what went wrong."""
-    url = settings.prefect_api_url.rstrip("/") + "/health"
-    # Prefect answers /health without credentials, but a proxy in front of it (nginx) does not.
-    secret = settings.prefect_auth_string.get_secret_value() if settings.prefect_auth_string else ""
-    auth = httpx.BasicAuth(*secret.split(":", 1)) if ":" in secret else None
-    # Trust what Prefect's own client trusts (e.g. the proxy's self-signed certificate).
-    cafile = os.environ.get("PREFECT_API_SSL_CERT_FILE")
-    verify = ssl.create_default_context(cafile=cafile) if cafile else True
-    try:
-        status = httpx.get(url, timeout=timeout, auth=auth, verify=verify).status_code
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None if status == 200 else f"health check answered HTTP {status}"
-
-
-def wait_for_prefect(settings: Settings, timeout: float) -> None:
-    """Block until the Prefect API answers its health check, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    last_error = "no answer yet"
-    while time.monotonic() < deadline:
-        if (last_error := prefect_health(settings)) is None:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"Prefect API {settings.prefect_api_url} not healthy after {timeout:.0f}s: {last_error}")
 
 
 def register_deployments(settings: Settings, pipelines: list[Pipeline]) -> None:

@@ -1,4 +1,5 @@
-"""Re-driving a pipeline's dead letters: back to exchange `ingest`, each once, none duplicated.
+"""Re-driving a pipeline's dead letters (`ingest replay dlq`, ingest/cli/dlq.py): back to
+exchange `ingest`, each once, none duplicated.
 
 Each selected dead letter is re-published with its original body and properties, minus the
 dead-lettering headers, plus `x-redriven-by: <replay id>`, with publisher confirms and
@@ -36,13 +37,10 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-# Only the command line loads this module, so it may use the AMQP side's list of the
-# properties a dead letter keeps of the original.
-from consumers.deadletter import KEPT_PROPERTIES
+from consumers.deadletter import KEPT_PROPERTIES, dead_letter_reason
+from consumers.publisher import Publisher, Unroutable
 from ingest.contract import Reason, message_key
 from ingest.pipelines import Pipeline
-from ingest.publisher import Publisher, Unroutable
-from ingest.status import dead_letter_reason
 
 log = logging.getLogger(__name__)
 

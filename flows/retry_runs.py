@@ -1,17 +1,16 @@
-"""Selecting flow runs by deployment, state and time, and retrying them as the UI's Retry does.
+"""Selecting flow runs by deployment, state and time, and retrying them as the UI's Retry
+does (`ingest replay runs`, ingest/cli/runs.py).
 
 A retry puts the same flow run back to Scheduled (force=True, as `prefect flow-run retry`
 does); the worker runs it again and its run_count goes up. The `ingest` flow re-reads its
 batch from the inbox, so a retried run processes only its records that are not done.
 
-Import this module after `ingest.cli` (the command line does): Prefect reads its settings
-from the environment that `ingest.cli` derives from INGEST_* when first imported.
+Import this module after `ingest.cli.main` (the command line does): Prefect reads its
+settings from the environment that `ingest.cli.main` derives from INGEST_* when first imported.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +26,8 @@ from prefect.client.schemas.responses import SetStateStatus
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Scheduled
+
+from ingest.waiting import TimedOut, apoll
 
 # What Prefect itself lets `prefect flow-run retry` retry: a run that is not over must not
 # be forced back to Scheduled, or it would run twice at once.
@@ -131,12 +132,18 @@ async def wait_final(
     poll_seconds: float = 2.0,
 ) -> list[FlowRun]:
     """Poll until every run is in a final state or `timeout` passed; return their last reading."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def read() -> list[FlowRun]:
         runs = await read_runs(client, ids)
         final = [r for r in runs if r.state and r.state.is_final()]
         completed = sum(1 for r in final if r.state.is_completed())
         on_progress(len(final), len(ids), f"{completed} completed, {len(final) - completed} not")
-        if len(final) == len(ids) or time.monotonic() >= deadline:
-            return runs
-        await asyncio.sleep(poll_seconds)
+        return runs
+
+    def all_final(runs: list[FlowRun]) -> bool:
+        return sum(1 for r in runs if r.state and r.state.is_final()) == len(ids)
+
+    try:
+        return await apoll(read, until=all_final, timeout=timeout, interval=poll_seconds, what="retried runs final")
+    except TimedOut as exc:
+        return exc.last

@@ -1,5 +1,5 @@
 """RabbitMQ users and permissions, least privilege, as a definitions file the broker loads
-at boot: `python -m ingest.rabbitmq_definitions OUT [--owner UID:GID]`.
+at boot: `python -m consumers.rabbitmq_definitions OUT [--owner UID:GID]`.
 
 Generated rather than checked in because it must hold password hashes (from the
 environment, never from the repository) and because the queue permissions name the

@@ -1,4 +1,6 @@
-"""Running the stack: `ingest up` (supervisord in the foreground) and its programs."""
+"""Running the stack: `ingest up` (supervisord in the foreground), `ingest ctl`
+(supervisorctl), and the programs of supervisord.conf: `ingest server`, `ingest worker`,
+`ingest consumer`."""
 
 from __future__ import annotations
 
@@ -8,21 +10,54 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from ingest import bootstrap, db
+import typer
+
+from ingest.cli import bootstrap
+from ingest.cli.common import PipelineOption, chosen_pipelines, setup_logging
+from ingest.cli.health import wait_for_prefect
 from ingest.pipelines import Pipeline
-from ingest.settings import PROJECT_ROOT, Settings
+from ingest.settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 BIN = Path(sys.executable).parent
 PREFECT_STARTUP_SECONDS = 180
-# flows/forkserver.py reads it; named here too so this package does not import flows.
-FORK_SERVER_SOCKET_ENV = "INGEST_FLOW_RUN_SOCKET"
-FORK_SERVER_STARTUP_SECONDS = 30
+
+
+def up() -> None:
+    """Bootstrap, then run the Prefect server, the worker and the consumers under supervisord.
+
+    Runs in the foreground; Ctrl-C or SIGTERM stops everything (consumers first).
+    """
+    setup_logging()
+    raise typer.Exit(run_stack(get_settings(), chosen_pipelines()))
+
+
+def ctl(context: typer.Context) -> None:
+    """supervisorctl for the stack `ingest up` runs, e.g. `ingest ctl status`, `ingest ctl restart consumer:*`."""
+    exec_supervisorctl(get_settings(), context.args)
+
+
+def server() -> None:
+    """Run the Prefect server on its PostgreSQL database (a program of supervisord.conf)."""
+    setup_logging()
+    exec_prefect_server(get_settings())
+
+
+def worker() -> None:
+    """Run a Prefect worker on the process work pool (a program of supervisord.conf)."""
+    setup_logging()
+    exec_prefect_worker(get_settings())
+
+
+def consumer(pipeline: PipelineOption = None) -> None:
+    """Consume the pipelines' queues until SIGTERM (a program of supervisord.conf)."""
+    from consumers.consumer import run
+
+    setup_logging()
+    run(get_settings(), chosen_pipelines(pipeline))
 
 
 def stack_environment(settings: Settings) -> dict[str, str]:
@@ -56,7 +91,7 @@ def run_stack(settings: Settings, pipelines: list[Pipeline]) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        bootstrap.wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
+        wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
         bootstrap.register_deployments(settings, pipelines)
         log.info("stack up: Prefect UI at %s", settings.prefect_api_url.removesuffix("/api"))
     except Exception as exc:
@@ -72,6 +107,8 @@ def exec_supervisorctl(settings: Settings, args: list[str]) -> None:
 
 
 def exec_prefect_server(settings: Settings) -> None:
+    from ingest import db
+
     db.ensure_database(settings.prefect_database_url)
     os.environ.update(settings.prefect_environment())
     os.execv(BIN / "prefect", ["prefect", "server", "start",
@@ -79,31 +116,14 @@ def exec_prefect_server(settings: Settings) -> None:
 
 
 def exec_prefect_worker(settings: Settings) -> None:
-    bootstrap.wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
+    from flows import forkserver
+
+    wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
     os.environ.update(settings.prefect_environment())
     # Deployments run `ingest-flow-run`, found on the PATH the worker hands its flow runs.
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     if settings.warm_flow_runs:
-        os.environ[FORK_SERVER_SOCKET_ENV] = start_fork_server(settings)
+        os.environ[forkserver.SOCKET_ENV] = forkserver.start(settings.run_dir)
     os.execv(BIN / "prefect", ["prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
                               "--limit", str(settings.worker_flow_runs),
                               "--name", f"ingest-worker-{socket.gethostname()}-{os.getpid()}"])
-
-
-def start_fork_server(settings: Settings) -> str:
-    """Start the fork server of warm flow-run processes (flows/forkserver.py); return its socket path.
-
-    It is our child, and stays one when we exec the worker (exec keeps the pid); it exits
-    when the worker does. If it is not up in time, flow runs start cold: slower, not broken.
-    """
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.run_dir / f"flow-runs-{socket.gethostname()}-{os.getpid()}.sock"
-    if len(str(path)) > 100:  # the limit of a unix socket's path
-        path = Path(tempfile.gettempdir()) / f"ingest-flow-runs-{os.getpid()}.sock"
-    subprocess.Popen([sys.executable, "-m", "flows.forkserver", "serve", str(path)])
-    deadline = time.monotonic() + FORK_SERVER_STARTUP_SECONDS
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if not path.exists():
-        log.warning("fork server not ready after %ss: flow runs start cold until it is", FORK_SERVER_STARTUP_SECONDS)
-    return str(path)

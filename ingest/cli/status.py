@@ -2,7 +2,9 @@
 
 The JSON shape is a stable monitoring interface:
 {"pipelines": {"<name>": {"queue": {"ready", "unacked" (null without the management API), "consumers"},
-                           "dlq": {"ready", "reasons": {reason: count}},
+                           "dlq": {"ready", "reasons": {reason: count},
+                                   "reasons_sampled" (only when the DLQ holds more than 10,000
+                                   messages: the reasons count its first 10,000)},
                            "inbox": {"pending", "done", "failed", "stuck"},
                            "batches": {"pending", "submitted", "stale"},
                            "runs": {state: count} | {"error": str},
@@ -13,18 +15,36 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
-import aio_pika
-import httpx
-import psycopg
-from psycopg import sql
+import typer
 
+from ingest.cli.common import PipelineOption, chosen_pipelines, fail
 from ingest.pipelines import Pipeline
+from ingest.settings import get_settings
+
+if TYPE_CHECKING:
+    import aio_pika
 
 DLQ_SCAN_LIMIT = 10_000
 RUN_STATES = ("scheduled", "pending", "running", "completed", "failed", "crashed", "cancelled", "cancelling", "paused")
+
+
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output (stable shape).")] = False,
+    pipeline: PipelineOption = None,
+    hours: Annotated[float, typer.Option(help="Count flow runs scheduled in the last N hours.")] = 24,
+) -> None:
+    """Per pipeline: queue and DLQ depth, inbox, batches, recent flow runs, sink rows."""
+    import orjson
+
+    settings, pipelines = get_settings(), chosen_pipelines(pipeline)  # exits 2 on an unknown pipeline
+    try:
+        snapshot = asyncio.run(collect(settings, pipelines, hours))
+    except Exception as exc:
+        raise fail(f"{type(exc).__name__}: {exc}")
+    typer.echo(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2).decode() if json_output else render(snapshot))
 
 
 async def _queue_depths(connection: aio_pika.abc.AbstractConnection, pipeline: Pipeline, management_url: str | None,
@@ -41,6 +61,8 @@ async def _queue_depths(connection: aio_pika.abc.AbstractConnection, pipeline: P
 
 async def _unacked(management_url: str, amqp_url: str, queue: str) -> int | None:
     """AMQP cannot tell unacknowledged counts; the management API can, when it is enabled."""
+    import httpx
+
     url = httpx.URL(amqp_url)
     vhost = url.path[1:] or "/"
     try:
@@ -57,6 +79,8 @@ async def _dlq_reasons(connection: aio_pika.abc.AbstractConnection, pipeline: Pi
 
     Closing the channel returns every fetched message to the queue.
     """
+    from consumers.deadletter import dead_letter_reason
+
     reasons: dict[str, int] = {}
     channel = await connection.channel()
     try:
@@ -76,18 +100,12 @@ async def _dlq_reasons(connection: aio_pika.abc.AbstractConnection, pipeline: Pi
     return result
 
 
-def dead_letter_reason(headers: dict) -> str:
-    """Our consumers set x-error-reason; the broker's own dead-lettering (delivery limit) sets x-death."""
-    if "x-error-reason" in headers:
-        reason = headers["x-error-reason"]
-        return reason.decode() if isinstance(reason, bytes) else str(reason)
-    reason = headers.get("x-first-death-reason")
-    if reason:
-        return reason.decode() if isinstance(reason, bytes) else str(reason)
-    return "unknown"
-
-
 def _database_counts(url: str, pipeline: Pipeline) -> dict:
+    import psycopg
+    from psycopg import sql
+
+    from ingest.inbox import STUCK
+
     with psycopg.connect(url, connect_timeout=10) as conn:
         inbox = dict.fromkeys(("pending", "done", "failed"), 0)
         inbox.update(conn.execute(
@@ -97,13 +115,12 @@ def _database_counts(url: str, pipeline: Pipeline) -> dict:
         batches.update(conn.execute(
             "SELECT status, count(*) FROM batches WHERE pipeline = %s GROUP BY status", (pipeline.name,)
         ).fetchall())
-        # What the scheduled backfill (mode failed) re-drives: see ingest/backfill.py.
+        # What the scheduled backfill (mode failed) re-drives: see ingest/windows.py.
         inbox["stuck"], batches["stale"] = conn.execute(
-            """SELECT (SELECT count(*) FROM inbox WHERE pipeline = %(p)s AND status = 'pending'
-                           AND received_at < now() - make_interval(secs => %(s)s)),
-                      (SELECT count(*) FROM batches WHERE pipeline = %(p)s AND status = 'pending'
-                           AND created_at < now() - make_interval(secs => %(s)s))""",
-            {"p": pipeline.name, "s": pipeline.stuck_after_seconds},
+            f"""SELECT (SELECT count(*) FROM inbox WHERE pipeline = %(pipeline)s AND {STUCK}),
+                       (SELECT count(*) FROM batches WHERE pipeline = %(pipeline)s AND status = 'pending'
+                           AND created_at < now() - make_interval(secs => %(stuck)s))""",
+            {"pipeline": pipeline.name, "stuck": pipeline.stuck_after_seconds},
         ).fetchone()
         records = conn.execute(
             sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(pipeline.sink_table))
@@ -135,6 +152,9 @@ async def _run_counts(pipeline: Pipeline, since: datetime) -> dict:
 
 
 async def collect(settings, pipelines: list[Pipeline], hours: float) -> dict:
+    import aio_pika
+    import httpx
+
     since = datetime.now(timezone.utc) - timedelta(hours=hours)
     out: dict[str, Any] = {"pipelines": {}}
     connection = await aio_pika.connect(settings.amqp_url, client_properties={"connection_name": "ingest status"})

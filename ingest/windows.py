@@ -1,6 +1,7 @@
-"""Choosing the records a backfill reprocesses, and regrouping them into batches.
+"""A window of records to reprocess: choosing them, counting them, regrouping them into batches.
 
-Used by the `backfill` flow and by `ingest backfill --dry-run` (which only counts).
+Used by the `backfill` flow (flows/backfill.py) and by `ingest backfill --dry-run`
+(ingest/cli/backfill.py, which only counts).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 import psycopg
+
+from ingest.inbox import STUCK
 
 Mode = Literal["failed", "all"]
 TimeField = Literal["occurred", "received"]
@@ -43,17 +46,10 @@ def previous_day(now: datetime) -> tuple[datetime, datetime]:
     return today - timedelta(days=1), today
 
 
-def as_utc(value: datetime) -> datetime:
-    """Naive datetimes are taken as UTC."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
-
-
 def _candidates_sql(window: Window, mode: Mode) -> str:
     # failed mode: records that failed, and records still pending long after they arrived
     # (their batch never got a run, or its run crashed or was lost).
-    condition = "" if mode == "all" else (
-        "AND (status = 'failed' OR (status = 'pending' AND received_at < now() - make_interval(secs => %(stuck)s)))"
-    )
+    condition = "" if mode == "all" else f"AND (status = 'failed' OR ({STUCK}))"
     return f"""FROM inbox WHERE pipeline = %(pipeline)s
                AND {window.column} >= %(start)s AND {window.column} < %(end)s {condition}"""
 
