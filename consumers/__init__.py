@@ -1,1 +1,2 @@
-"""The AMQP side: topology, validation, micro-batching, the inbox hand-off, submission, DLQ."""
+"""The AMQP side: topology, validation, micro-batching, the inbox hand-off, submission,
+dead-lettering and re-driving, publishing, and the broker's users (rabbitmq_definitions)."""

@@ -1,1 +1,3 @@
-"""Prefect flows: `ingest` (one batch), `backfill` (a window), and their deployments."""
+"""The Prefect side: flows `ingest` (one batch) and `backfill` (a window), their deployments,
+the fork server that starts flow-run processes warm, the recording window, and retrying
+flow runs in bulk (retry_runs, for `ingest replay runs`)."""
