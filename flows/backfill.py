@@ -16,7 +16,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Completed, Failed, State
 
 from ingest import db, inbox
-from ingest.pipelines import load_pipeline
+from ingest.pipelines import BACKFILL_FLOW, load_pipeline
 from ingest.settings import get_settings
 from ingest.times import as_utc
 from ingest.waiting import poll
@@ -30,7 +30,7 @@ def _child_states(client, run_ids: list[UUID]) -> dict[UUID, State]:
     return {run.id: run.state for run in runs}
 
 
-@flow(name="backfill", persist_result=False, validate_parameters=True)
+@flow(name=BACKFILL_FLOW, persist_result=False, validate_parameters=True)
 def backfill(
     pipeline: str,
     start: datetime | None = None,

@@ -19,7 +19,7 @@ from prefect.utilities.annotations import quote
 from flows.recording import submit_within_window
 from ingest import db, inbox
 from ingest.inbox import InboxRecord
-from ingest.pipelines import Pipeline, load_pipeline
+from ingest.pipelines import INGEST_FLOW, Pipeline, load_pipeline
 from ingest.settings import get_settings
 from tasks.process import process_chunk, process_record
 
@@ -91,7 +91,7 @@ def _publish_failures(pipeline: str, batch_id: UUID, records: list[InboxRecord],
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=db.POOL_SIZE)
 
 
-@flow(name="ingest", persist_result=False, validate_parameters=True, task_runner=TASK_RUNNER)
+@flow(name=INGEST_FLOW, persist_result=False, validate_parameters=True, task_runner=TASK_RUNNER)
 def ingest(pipeline: str, batch_id: UUID) -> State:
     logger = get_run_logger()
     settings = get_settings()

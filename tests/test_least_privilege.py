@@ -23,11 +23,11 @@ from pika.exceptions import ChannelClosedByBroker, ProbableAuthenticationError
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from consumers.topology import declare_topology
-from tests.fixtures.services import ADMIN_DATABASE_URL, AMQP_URL
 from consumers import rabbitmq_definitions
-from ingest.pipelines import Pipeline
 from consumers.publisher import Publisher
+from consumers.topology import declare_topology
+from ingest.pipelines import Pipeline
+from tests.fixtures.services import ADMIN_DATABASE_URL, AMQP_URL
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = b'{"id": "1", "source": "lp", "type": "t", "occurred_at": "2024-05-01T12:00:00Z", "data": {}}'
