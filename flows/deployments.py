@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import EntrypointType
@@ -10,6 +12,7 @@ from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
 from ingest.pipelines import Pipeline
+from ingest.steps import load_program, version
 
 
 async def ensure_work_pool(name: str) -> bool:
@@ -30,8 +33,12 @@ async def ensure_work_pool(name: str) -> bool:
             return True
 
 
-async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[str]:
-    """Create or update, per pipeline, `ingest/<pipeline>` and the scheduled `backfill/<pipeline>`."""
+async def apply_deployments(pipelines: list[Pipeline], work_pool: str, config_file: Path) -> list[str]:
+    """Create or update, per pipeline, `ingest/<pipeline>` and the scheduled `backfill/<pipeline>`.
+
+    Both carry a version derived from the code (the pipeline's config, its steps' and row's
+    modules), so the UI shows which code processed a run.
+    """
     from flows.backfill import backfill
     from flows.ingest import ingest
 
@@ -40,6 +47,7 @@ async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[s
     names = []
     for pipeline in pipelines:
         tags = ["ingest", f"pipeline:{pipeline.name}"]
+        code = version(load_program(pipeline, config_file))
         deployments = [
             await ingest.ato_deployment(
                 name=pipeline.name,
@@ -49,6 +57,7 @@ async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[s
                 # A module path, not a file path: the worker imports the installed package.
                 entrypoint_type=EntrypointType.MODULE_PATH,
                 job_variables=job_variables,
+                version=code,
             ),
             await backfill.ato_deployment(
                 name=pipeline.name,
@@ -59,6 +68,7 @@ async def apply_deployments(pipelines: list[Pipeline], work_pool: str) -> list[s
                 tags=tags,
                 entrypoint_type=EntrypointType.MODULE_PATH,
                 job_variables=job_variables,
+                version=code,
             ),
         ]
         for deployment in deployments:

@@ -14,50 +14,15 @@ from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_table_artifact
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 
-from flows.recording import submit_within_window
+from flows.steps import run_chunks, run_records
 from ingest import db, inbox
 from ingest.inbox import InboxRecord
-from ingest.pipelines import INGEST_FLOW, Pipeline, load_pipeline
+from ingest.pipelines import INGEST_FLOW, load_pipeline
 from ingest.settings import get_settings
-from tasks.process import process_chunk, process_record
+from ingest.steps import load_program
 
 ARTIFACT_ROWS = 1000
-
-
-def _run_per_record(records: list[InboxRecord], pipeline: Pipeline, run_id: UUID) -> dict[str, str]:
-    task = process_record.with_options(
-        retries=pipeline.task_retries, retry_delay_seconds=pipeline.task_retry_delay_seconds
-    )
-    # Per record, Prefect's own costs dominate; two of them buy nothing here. Its INFO line
-    # "Finished in state Completed()" repeats the task run's state (failures are still
-    # logged, at ERROR). And quote() keeps it from walking the parameters for futures:
-    # there are none, and the walk costs about 0.4 ms a record.
-    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
-    futures = submit_within_window(task, ((quote(record), quote(pipeline), run_id) for record in records), run_id)
-    failures = {}
-    for record, future in zip(records, futures):
-        future.wait()
-        if not future.state.is_completed():
-            failures[record.message_key] = _error_of(future.state)
-    return failures
-
-
-def _run_per_chunk(records: list[InboxRecord], pipeline: Pipeline, run_id: UUID) -> dict[str, str]:
-    task = process_chunk.with_options(
-        retries=pipeline.task_retries, retry_delay_seconds=pipeline.task_retry_delay_seconds
-    )
-    chunks = [records[i : i + pipeline.chunk_size] for i in range(0, len(records), pipeline.chunk_size)]
-    futures = [task.submit(chunk, pipeline, run_id) for chunk in chunks]
-    failures = {}
-    for chunk, future in zip(chunks, futures):
-        future.wait()
-        if future.state.is_completed():
-            failures.update(future.result())
-        else:  # the whole chunk's transaction failed
-            failures.update(dict.fromkeys((r.message_key for r in chunk), _error_of(future.state)))
-    return failures
 
 
 def _error_of(state: State) -> str:
@@ -96,15 +61,22 @@ def ingest(pipeline: str, batch_id: UUID) -> State:
     logger = get_run_logger()
     settings = get_settings()
     config = load_pipeline(settings.pipelines_file, pipeline)
+    program = load_program(config, settings.pipelines_file)
     run_id = runtime.flow_run.id
     with db.pool(settings.database_url).connection() as conn:
-        records = inbox.load_unfinished(conn, pipeline, batch_id, with_data=config.enrich is not None)
+        records = inbox.load_unfinished(conn, pipeline, batch_id)
     if not records:
         return Completed(message=f"batch {batch_id}: every record already done")
-    logger.info("batch %s (%s): processing %d record(s), granularity %s",
-                batch_id, pipeline, len(records), config.granularity)
-    run = _run_per_record if config.granularity == "record" else _run_per_chunk
-    failures = run(records, config, UUID(str(run_id)) if run_id else None)
+    logger.info("batch %s (%s): processing %d record(s), granularity %s, steps %s",
+                batch_id, pipeline, len(records), config.granularity, " -> ".join(program.dag.order))
+    if config.granularity == "record":
+        # Its INFO line "Finished in state Completed()" repeats each task run's state;
+        # failures are still logged, at ERROR.
+        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+        run = run_records
+    else:
+        run = run_chunks
+    failures = run(program, records, UUID(str(run_id)) if run_id else None, _error_of)
     with db.pool(settings.database_url).connection() as conn:
         inbox.mark_failed(conn, pipeline, failures, run_id)
     stored = len(records) - len(failures)

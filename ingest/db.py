@@ -1,4 +1,4 @@
-"""Database access: connections, creating databases, migrations, sink tables."""
+"""Database access: connections, creating databases, migrations, the flow runs' connection pool."""
 
 from __future__ import annotations
 
@@ -65,6 +65,18 @@ def _migrations() -> list[tuple[str, str]]:
     return [(f.name, f.read_text(encoding="utf-8")) for f in sorted(MIGRATIONS.glob("*.sql"))]
 
 
+def has_table(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+
+
+def pending_migrations(conn: psycopg.Connection) -> list[str]:
+    """The migrations migrate() would apply, without applying them."""
+    done = set()
+    if has_table(conn, "schema_migrations"):
+        done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+    return [name for name, _ in _migrations() if name not in done]
+
+
 def migrate(conn: psycopg.Connection) -> list[str]:
     """Apply the migrations not applied yet, in one transaction; return their names."""
     applied_now = []
@@ -82,27 +94,6 @@ def migrate(conn: psycopg.Connection) -> list[str]:
             conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
             applied_now.append(name)
     return applied_now
-
-
-def ensure_sink_table(conn: psycopg.Connection, table: str) -> None:
-    """The sink: one row per record key, the newest version by occurred_at."""
-    conn.execute(
-        sql.SQL(
-            """CREATE TABLE IF NOT EXISTS {table} (
-                source      text NOT NULL,
-                id          text NOT NULL,
-                type        text NOT NULL,
-                occurred_at timestamptz NOT NULL,
-                data        jsonb NOT NULL,
-                enrichment  jsonb,
-                ingested_at timestamptz NOT NULL DEFAULT now(),
-                flow_run_id uuid,
-                -- arrival order in the inbox: breaks ties between versions with the same occurred_at
-                inbox_seq   bigint NOT NULL,
-                PRIMARY KEY (source, id)
-            )"""
-        ).format(table=sql.Identifier(table))
-    )
 
 
 _pools: dict[str, "ConnectionPool"] = {}

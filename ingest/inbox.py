@@ -26,7 +26,7 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class InboxRecord:
-    """A record as a flow run loads it; `data` only when a step needs it."""
+    """A record as a flow run loads it: the envelope its steps receive as `record`."""
 
     message_key: str
     source: str
@@ -34,6 +34,7 @@ class InboxRecord:
     type: str
     occurred_at: datetime
     data: dict | None = None
+    schema_version: int | None = None
 
     @property
     def key(self) -> str:
@@ -166,13 +167,13 @@ async def defer_batch(conn: psycopg.AsyncConnection, batch_id: UUID, error: str,
 
 
 def load_unfinished(
-    conn: psycopg.Connection, pipeline: str, batch_id: UUID, with_data: bool
+    conn: psycopg.Connection, pipeline: str, batch_id: UUID, with_data: bool = True
 ) -> list[InboxRecord]:
-    """The batch's records that are not done yet: a retried run processes only these."""
-    data = "body->'data'" if with_data else "NULL"
+    """The batch's records that are not done (nor skipped) yet: a retried run processes only these."""
+    data = "body->'data', (body->>'schema_version')::int" if with_data else "NULL, NULL"
     cur = conn.execute(
         f"""SELECT message_key, source, record_id, type, occurred_at, {data}
-            FROM inbox WHERE pipeline = %s AND batch_id = %s AND status <> 'done'
+            FROM inbox WHERE pipeline = %s AND batch_id = %s AND status NOT IN ('done', 'skipped')
             ORDER BY seq""",
         (pipeline, batch_id),
     )

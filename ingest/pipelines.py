@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 TABLE_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
@@ -51,6 +51,19 @@ class Enrichment(_Strict):
     backoff_seconds: float = Field(0.5, gt=0, description="First retry delay; it doubles each retry.")
 
 
+# The shipped `records` pipeline's steps: one instance of the general mechanism.
+RECORD_STEPS = ("tasks.normalize:normalize", "tasks.records:row")
+ENRICHED_RECORD_STEPS = ("tasks.normalize:normalize", "tasks.enrich:enrich", "tasks.records:enriched_row")
+
+
+class SinkConfig(_Strict):
+    """The table a pipeline's final step fills."""
+
+    table: str | None = Field(None, pattern=TABLE_PATTERN, description="Default: the pipeline's sink_table.")
+    row: str = Field("tasks.records:RecordRow", description="The row model (pydantic): columns and types.")
+    key: tuple[str, ...] = Field(("source", "id"), min_length=1, description="Primary key columns.")
+
+
 class Pipeline(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     flow: Literal["ingest"] = Field(INGEST_FLOW, description="The flow each batch runs.")
@@ -75,6 +88,27 @@ class Pipeline(_Strict):
     )
     batch: Batching = Batching()
     enrich: Enrichment | None = None
+    steps: tuple[str, ...] | None = Field(
+        None, description="`module:function` of each step; default: normalize (, enrich), the records row."
+    )
+    sink: SinkConfig = SinkConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_table_name(cls, values: dict) -> dict:
+        # `[sink] table` and `sink_table` name the same table: say it once.
+        table = (values.get("sink") or {}).get("table") if isinstance(values.get("sink"), dict) else None
+        if table:
+            if values.get("sink_table", table) != table:
+                raise ValueError(f"sink.table {table!r} and sink_table {values['sink_table']!r} differ: set one")
+            values = {**values, "sink_table": table}
+        return values
+
+    @property
+    def step_paths(self) -> tuple[str, ...]:
+        if self.steps is not None:
+            return self.steps
+        return ENRICHED_RECORD_STEPS if self.enrich else RECORD_STEPS
 
     @property
     def queue(self) -> str:

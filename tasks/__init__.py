@@ -1,5 +1,10 @@
-"""Prefect tasks and the small reusable steps they are made of (normalize, enrich, store)."""
+"""Steps: the built-ins (normalize, enrich, the records row) and the team's own, plain functions.
 
+A step needs no Prefect: ingest/steps.py explains the rules, flows/steps.py how steps
+become task runs.
+"""
 
-class RecordRejected(Exception):
-    """A record a step refuses for good (e.g. a 4xx from a service): fails that record, not the run."""
+from ingest.steps import Reject
+
+# The name steps used before Reject existed: the same exception.
+RecordRejected = Reject

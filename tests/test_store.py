@@ -11,10 +11,11 @@ import orjson
 import psycopg
 import pytest
 
-from ingest import db, inbox
+from ingest import db, inbox, sinks
 from ingest.contract import decode, message_key
 from ingest.inbox import Accepted, InboxRecord
-from tasks.store import store
+from ingest.pipelines import Pipeline
+from ingest.steps import load_program
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
@@ -22,8 +23,19 @@ T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 @pytest.fixture
 def conn(ingest_database):
     with db.connect(ingest_database, autocommit=True) as conn:
-        db.ensure_sink_table(conn, "sink_store_test")
+        sinks.ensure(conn, sink_for("p"))
         yield conn
+
+
+def sink_for(pipeline: str) -> sinks.Sink:
+    """The shipped records row, in table sink_store_test."""
+    return load_program(Pipeline(name=pipeline, sink_table="sink_store_test")).sink
+
+
+def store(conn, pipeline: str, records: list[InboxRecord]) -> None:
+    """Write the records' rows as the records pipeline's final step makes them."""
+    rows = [(r.message_key, False, sinks.row_values(sink_for(pipeline), {"type": r.type})) for r in records]
+    sinks.write(conn, sink_for(pipeline), rows, {}, None)
 
 
 def accept(source: str, record_id: str, minutes: int, version: str) -> Accepted:
@@ -60,7 +72,7 @@ def test_newest_occurred_at_wins_in_every_order(conn, ingest_database):
     for order in itertools.permutations(versions):
         conn.execute("DELETE FROM sink_store_test")
         for version in order:  # one statement per version, in this order
-            store(conn, pipeline, "sink_store_test", [records[version.message_key]], [None], None)
+            store(conn, pipeline, [records[version.message_key]])
         assert sink_version(conn, source, "a") == "newest", [v.record.data for v in order]
 
 
@@ -70,10 +82,10 @@ def test_duplicates_inside_one_call_and_ties_go_to_the_later_arrival(conn, inges
     write(ingest_database, pipeline, [first])
     write(ingest_database, pipeline, [second])
     records = loaded(conn, pipeline, [first, second])
-    store(conn, pipeline, "sink_store_test", list(reversed(records)), [None, None], None)
+    store(conn, pipeline, list(reversed(records)))
     assert sink_version(conn, source, "b") == "second"
     # Storing the earlier arrival again (a replay) changes nothing.
-    store(conn, pipeline, "sink_store_test", [r for r in records if r.message_key == first.message_key], [None], None)
+    store(conn, pipeline, [r for r in records if r.message_key == first.message_key])
     assert sink_version(conn, source, "b") == "second"
     statuses = conn.execute("SELECT DISTINCT status FROM inbox WHERE pipeline = %s", (pipeline,)).fetchall()
     assert statuses == [("done",)]

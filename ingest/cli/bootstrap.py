@@ -26,25 +26,35 @@ def bootstrap(
         bool, typer.Option(help="Only the work pool and deployments (CI/CD: needs only the Prefect API).")
     ] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the Prefect API to answer.")] = 0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the migrations and sink-table DDL it would run; change nothing.")
+    ] = False,
 ) -> None:
     """Create databases, run migrations, declare queues, create the work pool and deployments.
 
-    Idempotent: running it again changes nothing.
+    Idempotent: running it again changes nothing. Sink tables follow their row models:
+    new optional fields add columns; a changed type or key, or a new required field, is refused.
     """
     from ingest.db import DatabaseUnavailable
+    from ingest.sinks import SinkSchemaError
 
     if skip_prefect and prefect_only:
         raise fail("--skip-prefect and --prefect-only exclude each other", 2)
     setup_logging()
-    settings, pipelines = get_settings(), chosen_pipelines()
+    settings, pipelines = get_settings(), chosen_pipelines(check_steps=True)
     try:
+        if dry_run:
+            for line in planned_storage(settings, pipelines):
+                typer.echo(line)
+            typer.echo("dry run: nothing was changed")
+            return
         if not prefect_only:
             prepare_storage(settings, pipelines)
             declare_queues(settings, pipelines)
         if not skip_prefect:
             wait_for_prefect(settings, wait or 5)
             register_deployments(settings, pipelines)
-    except (DatabaseUnavailable, TimeoutError, OSError) as exc:
+    except (DatabaseUnavailable, SinkSchemaError, TimeoutError, OSError) as exc:
         raise fail(str(exc))
     except Exception as exc:  # e.g. a queue declared with other arguments
         raise fail(f"{type(exc).__name__}: {exc}")
@@ -52,7 +62,8 @@ def bootstrap(
 
 
 def prepare_storage(settings: Settings, pipelines: list[Pipeline]) -> None:
-    from ingest import db
+    from ingest import db, sinks
+    from ingest.steps import load_program
 
     for url in (settings.database_url, settings.prefect_database_url):
         if db.ensure_database(url):
@@ -60,9 +71,30 @@ def prepare_storage(settings: Settings, pipelines: list[Pipeline]) -> None:
     with db.connect(settings.database_url, autocommit=True) as conn:
         applied = db.migrate(conn)
         log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
-        for table in sorted({p.sink_table for p in pipelines}):
-            db.ensure_sink_table(conn, table)
+        for pipeline in pipelines:
+            sink = load_program(pipeline, settings.pipelines_file).sink
+            for statement in sinks.ensure(conn, sink):
+                log.info("sink %s of %s: %s", sink.table, pipeline.name, statement.splitlines()[0])
         log.info("sink tables: %s", ", ".join(sorted({p.sink_table for p in pipelines})))
+
+
+def planned_storage(settings: Settings, pipelines: list[Pipeline]) -> list[str]:
+    """What prepare_storage() would do to the ingest database, as lines of SQL comments and DDL."""
+    from ingest import db, sinks
+    from ingest.steps import load_program
+
+    lines = []
+    with db.connect(settings.database_url, autocommit=True) as conn:
+        pending = db.pending_migrations(conn)
+        lines.append(f"-- migrations to apply: {', '.join(pending) if pending else 'none'}")
+        for pipeline in pipelines:
+            sink = load_program(pipeline, settings.pipelines_file).sink
+            statements = sinks.plan(conn, sink) if not pending or db.has_table(conn, "inbox") else []
+            lines.append(f"-- sink {sink.table} of pipeline {pipeline.name}: "
+                         f"{len(statements)} statement(s)" if statements else
+                         f"-- sink {sink.table} of pipeline {pipeline.name}: up to date")
+            lines += [f"{statement};" for statement in statements]
+    return lines
 
 
 def declare_queues(settings: Settings, pipelines: list[Pipeline]) -> None:
@@ -84,5 +116,5 @@ def register_deployments(settings: Settings, pipelines: list[Pipeline]) -> None:
 
     if asyncio.run(ensure_work_pool(settings.work_pool)):
         log.info("created work pool %s (process)", settings.work_pool)
-    names = asyncio.run(apply_deployments(pipelines, settings.work_pool))
+    names = asyncio.run(apply_deployments(pipelines, settings.work_pool, settings.pipelines_file))
     log.info("deployments: %s", ", ".join(names))

@@ -37,8 +37,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def chosen_pipelines(names: list[str] | None = None):
-    """The pipelines of the config that `names` name (all if none); a usage error for an unknown one."""
+def chosen_pipelines(names: list[str] | None = None, check_steps: bool = False):
+    """The pipelines of the config that `names` name (all if none); a usage error for an unknown one.
+
+    `check_steps`: also import each pipeline's steps and row model and check its DAG
+    (bootstrap, consumers and `ingest try` refuse to start on a broken pipeline).
+    """
     from ingest.pipelines import PipelineConfigError, load_pipelines
 
     settings = get_settings()
@@ -49,7 +53,16 @@ def chosen_pipelines(names: list[str] | None = None):
     unknown = set(names or ()) - set(pipelines)
     if unknown:
         raise fail(f"unknown pipeline(s) {', '.join(sorted(unknown))}; known: {', '.join(pipelines)}", 2)
-    return [p for name, p in pipelines.items() if not names or name in names]
+    chosen = [p for name, p in pipelines.items() if not names or name in names]
+    if check_steps:
+        from ingest.steps import load_program
+
+        try:
+            for pipeline in chosen:
+                load_program(pipeline, settings.pipelines_file)
+        except PipelineConfigError as exc:
+            raise fail(str(exc), 2)
+    return chosen
 
 
 def replay_id() -> str:

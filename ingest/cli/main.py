@@ -1,7 +1,7 @@
 """The `ingest` app: every command, in the order `ingest --help` lists them.
 
 Each command lives in the module of its group (publish, bootstrap, up, backfill, status,
-health, runs, dlq); this module only puts them together.
+health, develop, runs, dlq); this module only puts them together.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ingest.settings import get_settings
 # INGEST_* before anything imports Prefect.
 os.environ.update(get_settings().prefect_environment())
 
-from ingest.cli import backfill, bootstrap, dlq, health, publish, runs, status, up  # noqa: E402
+from ingest.cli import backfill, bootstrap, develop, dlq, health, publish, runs, status, up  # noqa: E402
 
 
 
@@ -36,6 +36,9 @@ app.command()(publish.publish)
 app.command()(backfill.backfill)
 app.command()(status.status)
 app.command()(health.health)
+app.command()(develop.new)
+app.command("try")(develop.try_)
+app.command()(develop.graph)
 
 replay_app = _typer("Process again what failed: flow runs in bulk (runs), dead letters (dlq).")
 replay_app.command()(runs.runs)

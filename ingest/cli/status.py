@@ -5,7 +5,7 @@ The JSON shape is a stable monitoring interface:
                            "dlq": {"ready", "reasons": {reason: count},
                                    "reasons_sampled" (only when the DLQ holds more than 10,000
                                    messages: the reasons count its first 10,000)},
-                           "inbox": {"pending", "done", "failed", "stuck"},
+                           "inbox": {"pending", "done", "failed", "skipped", "stuck"},
                            "batches": {"pending", "submitted", "stale"},
                            "runs": {state: count} | {"error": str},
                            "sink": {"table", "records"}}}}
@@ -107,7 +107,7 @@ def _database_counts(url: str, pipeline: Pipeline) -> dict:
     from ingest.inbox import STUCK
 
     with psycopg.connect(url, connect_timeout=10) as conn:
-        inbox = dict.fromkeys(("pending", "done", "failed"), 0)
+        inbox = dict.fromkeys(("pending", "done", "failed", "skipped"), 0)
         inbox.update(conn.execute(
             "SELECT status, count(*) FROM inbox WHERE pipeline = %s GROUP BY status", (pipeline.name,)
         ).fetchall())

@@ -32,7 +32,7 @@ def up() -> None:
     Runs in the foreground; Ctrl-C or SIGTERM stops everything (consumers first).
     """
     setup_logging()
-    raise typer.Exit(run_stack(get_settings(), chosen_pipelines()))
+    raise typer.Exit(run_stack(get_settings(), chosen_pipelines(check_steps=True)))
 
 
 def ctl(context: typer.Context) -> None:
@@ -57,7 +57,7 @@ def consumer(pipeline: PipelineOption = None) -> None:
     from consumers.consumer import run
 
     setup_logging()
-    run(get_settings(), chosen_pipelines(pipeline))
+    run(get_settings(), chosen_pipelines(pipeline, check_steps=True))
 
 
 def stack_environment(settings: Settings) -> dict[str, str]:

@@ -1,0 +1,111 @@
+"""How a pipeline's steps become Prefect task runs (the steps themselves: ingest/steps.py).
+
+- `chunk` granularity: one task run per step per chunk, named `<step> [chunk n]`, waiting
+  for the task runs of the steps it needs, so the flow run's graph in the UI is the
+  pipeline's DAG and independent steps of a chunk run at the same time; then one
+  `store [chunk n]` writes the chunk's rows and settles its records in one transaction.
+  The outcomes travel between a chunk's task runs in memory (`outputs`), never as results
+  Prefect would store or walk.
+- `record` granularity: one task run per record, named `source/id`, running the record's
+  whole DAG and storing its row.
+
+A record rejected or skipped by a step is not passed to the steps after it. Both return
+the records that failed (message key -> error); skipped ones are settled in the inbox.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from flows.recording import submit_within_window
+from ingest import db, sinks
+from ingest.inbox import InboxRecord
+from ingest.settings import get_settings
+from ingest.steps import Program, Reject, Rejected, Skipped, run_dag, run_step, settle
+
+
+def retry_unless_rejected(task, task_run, state) -> bool:
+    """Retrying cannot change a rejection; only unexpected errors (the database, a bug) are retried."""
+    try:
+        state.result()
+    except Reject:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _settle(program: Program, records: list[InboxRecord], outcomes: list[Any], run_id: UUID | None) -> dict[str, str]:
+    """Store the rows, settle skipped records (one transaction); return the failed ones."""
+    rows, skipped, failures = settle(program, [r.message_key for r in records], outcomes)
+    with db.pool(get_settings().database_url).connection() as conn:
+        sinks.write(conn, program.sink, rows, skipped, run_id)
+    return {key: rejected.error for key, rejected in failures.items()}
+
+
+# No cache policy: hashing every record's inputs would cost more than the work itself.
+@task(cache_policy=NO_CACHE, persist_result=False)
+def step_of_chunk(name: str, program: Program, chunk: list[InboxRecord], outputs: dict, n: int) -> dict[str, int]:
+    s = program.dag.steps[name]
+    outcomes = run_step(s, chunk, program.pipeline, {u: outputs[(n, u)] for u in s.upstream})
+    outputs[(n, name)] = outcomes
+    rejected = sum(isinstance(o, Rejected) for o in outcomes)
+    skipped = sum(isinstance(o, Skipped) for o in outcomes)
+    return {"records": len(outcomes), "rejected": rejected, "skipped": skipped}
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_rejected)
+def store_chunk(program: Program, chunk: list[InboxRecord], outputs: dict, n: int, run_id: UUID | None) -> dict[str, str]:
+    return _settle(program, chunk, outputs[(n, program.dag.final)], run_id)
+
+
+def run_chunks(program: Program, records: list[InboxRecord], run_id: UUID | None, error_of) -> dict[str, str]:
+    pipeline, dag = program.pipeline, program.dag
+    size = pipeline.chunk_size
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
+    outputs: dict[tuple[int, str], list] = {}
+    store = store_chunk.with_options(retries=pipeline.task_retries, retry_delay_seconds=pipeline.task_retry_delay_seconds)
+    stores = []
+    for n, chunk in enumerate(chunks, start=1):
+        futures = {}
+        for name in dag.order:
+            futures[name] = step_of_chunk.with_options(task_run_name=f"{name} [chunk {n}]").submit(
+                name, quote(program), quote(chunk), quote(outputs), n,
+                wait_for=[futures[u] for u in dag.steps[name].upstream])
+        stores.append(store.with_options(task_run_name=f"store [chunk {n}]").submit(
+            quote(program), quote(chunk), quote(outputs), n, run_id, wait_for=[futures[dag.final]]))
+    failures: dict[str, str] = {}
+    for chunk, future in zip(chunks, stores):
+        future.wait()
+        if future.state.is_completed():
+            failures.update(future.result())
+        else:  # a step's task run or the chunk's transaction failed
+            failures.update(dict.fromkeys((r.message_key for r in chunk), error_of(future.state)))
+    return failures
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_rejected,
+      task_run_name="{record.source}/{record.id}")
+def process_record(record: InboxRecord, program: Program, run_id: UUID | None) -> None:
+    """One record through the whole DAG: its task run carries the record key, so the UI shows each outcome."""
+    failures = _settle(program, [record], run_dag(program.dag, [record], program.pipeline), run_id)
+    if failures:
+        raise Reject(failures[record.message_key])
+
+
+def run_records(program: Program, records: list[InboxRecord], run_id: UUID | None, error_of) -> dict[str, str]:
+    pipeline = program.pipeline
+    one = process_record.with_options(retries=pipeline.task_retries, retry_delay_seconds=pipeline.task_retry_delay_seconds)
+    # quote(): nothing in the parameters is a future; walking them costs about 0.4 ms a record.
+    futures = submit_within_window(one, ((quote(record), quote(program), run_id) for record in records), run_id)
+    failures = {}
+    for record, future in zip(records, futures):
+        future.wait()
+        if not future.state.is_completed():
+            failures[record.message_key] = error_of(future.state)
+    return failures
