@@ -33,18 +33,24 @@ def redact(url: str) -> str:
     return make_conninfo(**params)
 
 
+def database_exists(url: str) -> bool:
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+        return True
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc):
+            raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {exc}".strip()) from None
+        return False
+
+
 def ensure_database(url: str) -> bool:
     """Create the database `url` names if it does not exist; True if it was created."""
     params = conninfo_to_dict(url)
     name = params.get("dbname")
     if not name:
         raise ValueError(f"{redact(url)} names no database")
-    try:
-        psycopg.connect(url, connect_timeout=10).close()
+    if database_exists(url):
         return False
-    except psycopg.OperationalError as exc:
-        if "does not exist" not in str(exc):
-            raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {exc}".strip()) from None
     with connect(make_conninfo(url, dbname="postgres"), autocommit=True) as conn:
         try:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -65,6 +71,10 @@ def _migrations() -> list[tuple[str, str]]:
     return [(f.name, f.read_text(encoding="utf-8")) for f in sorted(MIGRATIONS.glob("*.sql"))]
 
 
+def migration_names() -> list[str]:
+    return [name for name, _ in _migrations()]
+
+
 def has_table(conn: psycopg.Connection, name: str) -> bool:
     return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
 
@@ -74,7 +84,7 @@ def pending_migrations(conn: psycopg.Connection) -> list[str]:
     done = set()
     if has_table(conn, "schema_migrations"):
         done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
-    return [name for name, _ in _migrations() if name not in done]
+    return [name for name in migration_names() if name not in done]
 
 
 def migrate(conn: psycopg.Connection) -> list[str]:

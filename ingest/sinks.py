@@ -120,7 +120,7 @@ def sink_of(pipeline: str, table: str, model: type[BaseModel], key: tuple[str, .
 # --- the table: create and evolve -------------------------------------------------------------
 
 
-def _create(sink: Sink) -> str:
+def create_statement(sink: Sink) -> str:
     parts = [f"{sql.Identifier(n).as_string()} {d}" for n, d in LINEAGE.items()]
     parts += [f"{sql.Identifier(c.name).as_string()} {c.sql_type}" + (" NOT NULL" if c.name in sink.key else "")
               for c in sink.columns]
@@ -134,7 +134,7 @@ def plan(conn: psycopg.Connection, sink: Sink) -> list[str]:
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() "
         "AND table_name = %s", (sink.table,)).fetchall())
     if not existing:
-        return [_create(sink)]
+        return [create_statement(sink)]
     key = tuple(name for (name,) in conn.execute(
         """SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
            WHERE i.indrelid = to_regclass(%s) AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)""",

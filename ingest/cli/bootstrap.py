@@ -79,20 +79,25 @@ def prepare_storage(settings: Settings, pipelines: list[Pipeline]) -> None:
 
 
 def planned_storage(settings: Settings, pipelines: list[Pipeline]) -> list[str]:
-    """What prepare_storage() would do to the ingest database, as lines of SQL comments and DDL."""
+    """What prepare_storage() would do to the ingest database, as SQL comments and DDL."""
     from ingest import db, sinks
     from ingest.steps import load_program
 
-    lines = []
+    programs = [load_program(p, settings.pipelines_file) for p in pipelines]
+    if not db.database_exists(settings.database_url):
+        lines = [f"-- database {db.redact(settings.database_url)} would be created",
+                 f"-- migrations to apply: {', '.join(db.migration_names())}"]
+        for program in programs:
+            lines += [f"-- sink {program.sink.table} of pipeline {program.pipeline.name}: 1 statement(s)",
+                      f"{sinks.create_statement(program.sink)};"]
+        return lines
     with db.connect(settings.database_url, autocommit=True) as conn:
         pending = db.pending_migrations(conn)
-        lines.append(f"-- migrations to apply: {', '.join(pending) if pending else 'none'}")
-        for pipeline in pipelines:
-            sink = load_program(pipeline, settings.pipelines_file).sink
-            statements = sinks.plan(conn, sink) if not pending or db.has_table(conn, "inbox") else []
-            lines.append(f"-- sink {sink.table} of pipeline {pipeline.name}: "
-                         f"{len(statements)} statement(s)" if statements else
-                         f"-- sink {sink.table} of pipeline {pipeline.name}: up to date")
+        lines = [f"-- migrations to apply: {', '.join(pending) if pending else 'none'}"]
+        for program in programs:
+            statements = sinks.plan(conn, program.sink)
+            lines.append(f"-- sink {program.sink.table} of pipeline {program.pipeline.name}: "
+                         + (f"{len(statements)} statement(s)" if statements else "up to date"))
             lines += [f"{statement};" for statement in statements]
     return lines
 
