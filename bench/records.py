@@ -30,6 +30,17 @@ def record(source: str, i: int, rng: random.Random, sent_at: float | None = None
     })
 
 
+def order(source: str, i: int, rng: random.Random, sent_at: float | None = None) -> bytes:
+    """A record as pipeline `orders` reads it (tasks/orders.py): the same payload, plus an order's fields."""
+    envelope = orjson.loads(record(source, i, rng, sent_at))
+    envelope["data"].update({
+        "order_id": f"{source}-{i}", "status": rng.choice(["created", "paid"]),
+        "amount": f"{rng.randint(1, 99999)}.{rng.randint(0, 99):02d}", "currency": rng.choice(["EUR", "USD", "GBP"]),
+        "customer_id": f"c{rng.randint(1, 5000)}", "placed_at": envelope["occurred_at"],
+    })
+    return orjson.dumps(envelope)
+
+
 def batch(source: str, count: int, seed: int = 1) -> list[bytes]:
     rng = random.Random(seed)
     return [record(source, i, rng) for i in range(count)]
