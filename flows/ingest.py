@@ -76,14 +76,17 @@ def ingest(pipeline: str, batch_id: UUID) -> State:
         run = run_records
     else:
         run = run_chunks
-    failures = run(program, records, UUID(str(run_id)) if run_id else None, _error_of)
+    settled = run(program, records, UUID(str(run_id)) if run_id else None, _error_of)
+    failures = settled.failures
     with db.pool(settings.database_url).connection() as conn:
         inbox.mark_failed(conn, pipeline, failures, run_id)
-    stored = len(records) - len(failures)
+    stored = len(records) - len(failures) - settled.skipped
+    skipped = f", {settled.skipped} skipped" if settled.skipped else ""
     if failures:
         _publish_failures(pipeline, batch_id, records, failures)
         for key, error in list(failures.items())[:20]:
             logger.error("record %s failed: %s", key, error)
-        return Failed(message=f"batch {batch_id}: {len(failures)} of {len(records)} record(s) failed, {stored} stored")
-    logger.info("batch %s (%s): %d record(s) stored", batch_id, pipeline, stored)
-    return Completed(message=f"batch {batch_id}: {stored} record(s) stored")
+        return Failed(message=f"batch {batch_id}: {len(failures)} of {len(records)} record(s) failed, "
+                              f"{stored} stored{skipped}")
+    logger.info("batch %s (%s): %d record(s) stored%s", batch_id, pipeline, stored, skipped)
+    return Completed(message=f"batch {batch_id}: {stored} record(s) stored{skipped}")

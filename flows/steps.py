@@ -10,11 +10,13 @@
   whole DAG and storing its row.
 
 A record rejected or skipped by a step is not passed to the steps after it. Both return
-the records that failed (message key -> error); skipped ones are settled in the inbox.
+the records that failed (message key -> error) and how many were skipped; skipped ones
+are settled in the inbox with the stored ones.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -40,12 +42,22 @@ def retry_unless_rejected(task, task_run, state) -> bool:
     return False
 
 
-def _settle(program: Program, records: list[InboxRecord], outcomes: list[Any], run_id: UUID | None) -> dict[str, str]:
-    """Store the rows, settle skipped records (one transaction); return the failed ones."""
+@dataclass
+class Settled:
+    failures: dict[str, str] = field(default_factory=dict)  # message key -> error
+    skipped: int = 0
+
+    def add(self, other: "Settled") -> None:
+        self.failures.update(other.failures)
+        self.skipped += other.skipped
+
+
+def _settle(program: Program, records: list[InboxRecord], outcomes: list[Any], run_id: UUID | None) -> Settled:
+    """Store the rows, settle skipped records (one transaction); return what failed and how many were skipped."""
     rows, skipped, failures = settle(program, [r.message_key for r in records], outcomes)
     with db.pool(get_settings().database_url).connection() as conn:
         sinks.write(conn, program.sink, rows, skipped, run_id)
-    return {key: rejected.error for key, rejected in failures.items()}
+    return Settled({key: rejected.error for key, rejected in failures.items()}, len(skipped))
 
 
 # No cache policy: hashing every record's inputs would cost more than the work itself.
@@ -60,11 +72,11 @@ def step_of_chunk(name: str, program: Program, chunk: list[InboxRecord], outputs
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_rejected)
-def store_chunk(program: Program, chunk: list[InboxRecord], outputs: dict, n: int, run_id: UUID | None) -> dict[str, str]:
+def store_chunk(program: Program, chunk: list[InboxRecord], outputs: dict, n: int, run_id: UUID | None) -> Settled:
     return _settle(program, chunk, outputs[(n, program.dag.final)], run_id)
 
 
-def run_chunks(program: Program, records: list[InboxRecord], run_id: UUID | None, error_of) -> dict[str, str]:
+def run_chunks(program: Program, records: list[InboxRecord], run_id: UUID | None, error_of) -> Settled:
     pipeline, dag = program.pipeline, program.dag
     size = pipeline.chunk_size
     chunks = [records[i : i + size] for i in range(0, len(records), size)]
@@ -79,33 +91,37 @@ def run_chunks(program: Program, records: list[InboxRecord], run_id: UUID | None
                 wait_for=[futures[u] for u in dag.steps[name].upstream])
         stores.append(store.with_options(task_run_name=f"store [chunk {n}]").submit(
             quote(program), quote(chunk), quote(outputs), n, run_id, wait_for=[futures[dag.final]]))
-    failures: dict[str, str] = {}
+    settled = Settled()
     for chunk, future in zip(chunks, stores):
         future.wait()
         if future.state.is_completed():
-            failures.update(future.result())
+            settled.add(future.result())
         else:  # a step's task run or the chunk's transaction failed
-            failures.update(dict.fromkeys((r.message_key for r in chunk), error_of(future.state)))
-    return failures
+            settled.failures.update(dict.fromkeys((r.message_key for r in chunk), error_of(future.state)))
+    return settled
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_rejected,
       task_run_name="{record.source}/{record.id}")
-def process_record(record: InboxRecord, program: Program, run_id: UUID | None) -> None:
-    """One record through the whole DAG: its task run carries the record key, so the UI shows each outcome."""
-    failures = _settle(program, [record], run_dag(program.dag, [record], program.pipeline), run_id)
-    if failures:
-        raise Reject(failures[record.message_key])
+def process_record(record: InboxRecord, program: Program, run_id: UUID | None) -> int:
+    """One record through the whole DAG: its task run carries the record key, so the UI shows each
+    outcome. Returns 1 if the record was skipped, 0 if stored."""
+    settled = _settle(program, [record], run_dag(program.dag, [record], program.pipeline), run_id)
+    if settled.failures:
+        raise Reject(settled.failures[record.message_key])
+    return settled.skipped
 
 
-def run_records(program: Program, records: list[InboxRecord], run_id: UUID | None, error_of) -> dict[str, str]:
+def run_records(program: Program, records: list[InboxRecord], run_id: UUID | None, error_of) -> Settled:
     pipeline = program.pipeline
     one = process_record.with_options(retries=pipeline.task_retries, retry_delay_seconds=pipeline.task_retry_delay_seconds)
     # quote(): nothing in the parameters is a future; walking them costs about 0.4 ms a record.
     futures = submit_within_window(one, ((quote(record), quote(program), run_id) for record in records), run_id)
-    failures = {}
+    settled = Settled()
     for record, future in zip(records, futures):
         future.wait()
-        if not future.state.is_completed():
-            failures[record.message_key] = error_of(future.state)
-    return failures
+        if future.state.is_completed():
+            settled.skipped += future.result()
+        else:
+            settled.failures[record.message_key] = error_of(future.state)
+    return settled
