@@ -15,6 +15,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import httpx
 import orjson
 
 from tests.fixtures.stack import Outgoing, wait_for
@@ -79,9 +80,10 @@ def test_orders_land_in_their_typed_table_exactly_once(stack, enrichment_service
     assert all(e == "skipped by step order: a test order" for e in by_status["skipped"].values())
     refused = {f"r{n}" for n in range(REFUSED)}
     lookups = {f"{n}-{v}" for n in range(LOOKUP_FAILS) for v in ("created", "paid")}
-    assert set(by_status["failed"]) == refused | lookups
+    assert set(by_status["failed"]) == refused | lookups, {k: by_status["failed"][k] for k in
+                                                          set(by_status["failed"]) - refused - lookups}
     assert all(by_status["failed"][r].startswith("rejected by step order: currency 'XYZ'") for r in refused)
-    assert all(by_status["failed"][r].startswith("rejected by step customer: failed after 2 attempts: HTTP 503")
+    assert all(by_status["failed"][r].startswith("rejected by step customer: failed after 4 attempts: HTTP 503")
                for r in lookups)
     # Malformed messages never reached Prefect: they are in the DLQ.
     assert sum(1 for m in stack.dead_letters(pipeline) if (m.message_id or "").startswith(f"{source}-m")) == MALFORMED
@@ -118,6 +120,14 @@ def test_orders_land_in_their_typed_table_exactly_once(stack, enrichment_service
         "SELECT count(*) FROM orders_test o LEFT JOIN inbox i ON i.seq = o.inbox_seq AND i.pipeline = %s "
         "WHERE o.order_id LIKE %s AND i.seq IS NULL", (pipeline.name, f"{source}-%"))
     assert untraced == 0
+
+
+def test_the_deployment_carries_the_version_of_the_code(stack):
+    from ingest.steps import load_program, version
+
+    pipeline = stack.pipeline("orders")
+    deployment = httpx.get(f"{stack.api_url}/deployments/name/{pipeline.deployment}", timeout=30).json()
+    assert deployment["version"] == version(load_program(pipeline)) and len(deployment["version"]) == 12
 
 
 def test_a_runs_task_runs_are_the_pipelines_dag_per_chunk(stack):

@@ -172,3 +172,12 @@ def test_bootstrap_dry_run_prints_the_ddl_and_changes_nothing(tmp_path):
             assert check.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
     finally:
         drop_database(database)
+
+
+def test_a_row_that_does_not_fit_the_model_names_the_field():
+    sink = sinks.sink_of("p", "t", Simple, ("order_id",))
+    assert sinks.row_values(sink, {"order_id": "A", "status": "paid"}) == {"order_id": "A", "status": "paid"}
+    with pytest.raises(ValueError, match=r"row does not fit Simple: status: Field required"):
+        sinks.row_values(sink, {"order_id": "A"})
+    with pytest.raises(ValueError, match=r"Delete\(\) must name exactly the key order_id; got nothing"):
+        sinks.deletion_values(sink, {})
