@@ -21,7 +21,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception, retry_if_exception_type, wait_random_exponential
 
 from consumers import metrics
 from consumers.batcher import Batcher
@@ -44,6 +44,16 @@ CRASH_HEADER = os.environ.get("INGEST_TEST_CRASH_HEADER")
 
 Entry = tuple[Accepted, AbstractIncomingMessage]
 T = TypeVar("T")
+
+# Longest wait between two attempts of a batch's inbox commit.
+COMMIT_MAX_BACKOFF_SECONDS = 10.0
+
+
+def _commit_can_succeed_later(exc: BaseException) -> bool:
+    """Any database error but a value PostgreSQL refuses (that one is dead-lettered): the
+    database down, or refusing every write (a revoked privilege, a trigger that raises, a
+    missing table) until an operator fixes it."""
+    return isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.DataError)
 
 
 class PipelineConsumer:
@@ -150,14 +160,18 @@ class PipelineConsumer:
     async def _commit(self, entries: list[Entry]) -> None:
         batch_id = uuid4()
         try:
-            inserted = await self._write(batch_id, entries)
-        except psycopg.DataError:
-            # A value PostgreSQL refuses that the contract check let through must not block
-            # the batch: dead-letter those messages, write the others.
-            entries = await self._dead_letter_refused(entries)
-            if not entries:
-                return
-            inserted = await self._write(batch_id, entries)
+            entries, inserted = await self._store(batch_id, entries)
+        except Exception as exc:
+            # Only when stopping with the database still refusing, or a bug: the consumer
+            # lives on, and the messages go back (one delivery each) for the next consumer.
+            log.error("batch %s (%s): not committed (%s: %s); its %d message(s) returned to the queue",
+                      batch_id, self.pipeline.name, type(exc).__name__, exc, len(entries),
+                      exc_info=not isinstance(exc, psycopg.Error))
+            for _, message in entries:
+                await self._return(message)
+            return
+        if not entries:
+            return
         for _, message in entries:
             try:
                 await message.ack()
@@ -179,8 +193,24 @@ class PipelineConsumer:
         )
         self.app.submitter.submit_soon(batch_id, self.pipeline.name)
 
+    async def _store(self, batch_id, entries: list[Entry]) -> tuple[list[Entry], int]:
+        """Commit the batch; return the entries written (refused ones dead-lettered) and how many were new."""
+        try:
+            return entries, await self._write(batch_id, entries)
+        except psycopg.DataError:
+            # A value PostgreSQL refuses that the contract check let through must not block
+            # the batch: dead-letter those messages, write the others.
+            entries = await self._dead_letter_refused(entries)
+            return entries, (await self._write(batch_id, entries) if entries else 0)
 
     async def _write(self, batch_id, entries: list[Entry]) -> int:
+        """The inbox transaction, attempted until it commits (or the consumer stops).
+
+        The messages stay in hand, unacked, meanwhile: returning them would count a delivery
+        each time, and a long outage would then reach the delivery limit and dead-letter good
+        messages. In hand, the prefetch limit stops deliveries, and the next batch's flush
+        waits for this commit: the consumer neither spins nor takes more.
+        """
         async def write() -> int:
             with metrics.INBOX_WRITE.labels(self.pipeline.name).time():
                 async with self.app.pool.connection() as conn:
@@ -189,7 +219,35 @@ class PipelineConsumer:
                         self.app.settings.stuck_batch_seconds,
                     )
 
-        return await self._retrying(f"batch {batch_id} ({self.pipeline.name}): inbox write", write)
+        def failed(state) -> None:
+            metrics.COMMIT_FAILURES.labels(self.pipeline.name).inc()
+            exc = state.outcome.exception()
+            log.error("batch %s (%s): inbox commit failed (attempt %d), its %d message(s) held unacked, "
+                      "retry in %.1fs: %s: %s", batch_id, self.pipeline.name, state.attempt_number, len(entries),
+                      state.upcoming_sleep, type(exc).__name__, str(exc).strip())
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_commit_can_succeed_later),
+            wait=wait_random_exponential(multiplier=0.5, max=COMMIT_MAX_BACKOFF_SECONDS),
+            stop=lambda _: self.app.stopping.is_set(), reraise=True,
+            sleep=self._pause, before_sleep=failed,
+        ):
+            with attempt:
+                return await write()
+
+    async def _pause(self, seconds: float) -> None:
+        """A backoff that a stop cuts short (supervisord waits `stopwaitsecs`, not for the database)."""
+        try:
+            await asyncio.wait_for(self.app.stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _return(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.nack(requeue=True)
+        except Exception as exc:  # channel lost: the broker returns it anyway
+            log.warning("message %s: could not be returned (%s); the broker redelivers it",
+                        message.message_id or message.delivery_tag, exc)
 
     @staticmethod
     async def _retrying(what: str, operation: Callable[[], Awaitable[T]]) -> T:
@@ -244,13 +302,16 @@ class Consumer:
     async def shutdown(self) -> None:
         """Stop deliveries first, so in-flight batches finish and nothing new arrives."""
         log.info("stopping: cancelling consumers, finishing in-flight batches")
-        for consumer in self.consumers:
-            await consumer.stop_consuming()
-        for consumer in self.consumers:
-            await consumer.drain()
-        await self.submitter.close(timeout=self.settings.submit_timeout_seconds)
-        await self.connection.close()
-        await self.pool.close()
+        self.stopping.set()  # also when a loop died: a commit being retried gives up
+        try:
+            for consumer in self.consumers:
+                await consumer.stop_consuming()
+            for consumer in self.consumers:
+                await consumer.drain()
+        finally:  # whatever happened to a batch, the shared resources are released
+            await self.submitter.close(timeout=self.settings.submit_timeout_seconds)
+            await self.connection.close()
+            await self.pool.close()
         log.info("stopped")
 
     async def run(self) -> int:

@@ -36,6 +36,11 @@ COMMIT_TO_FLOW_RUN = Histogram(
     "ingest_commit_to_flow_run_seconds", "From a batch's commit to the creation of its flow run.", ["pipeline"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
+COMMIT_FAILURES = Counter(
+    "ingest_inbox_commit_failures",
+    "Attempts to commit a batch to the inbox that failed (its messages are held unacked and the commit retried).",
+    ["pipeline"],
+)
 INBOX_WRITE = Histogram(
     "ingest_inbox_write_seconds", "Time to write one batch to the inbox (one transaction).", ["pipeline"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
