@@ -33,9 +33,14 @@ from ingest.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# 2 ** 1024 overflows a float: a batch Prefect refused that often (a deployment deleted for
+# weeks) must still be deferred. Past this exponent every cap in use is reached anyway.
+MAX_BACKOFF_EXPONENT = 32
+
+
 def backoff_seconds(attempts: int, cap: float) -> float:
-    """Exponential backoff with full jitter: 1, 2, 4 ... seconds, capped."""
-    return random.uniform(0.5, 1.0) * min(cap, 2.0**attempts)
+    """Exponential backoff with jitter: about 1, 2, 4 ... seconds, capped."""
+    return random.uniform(0.5, 1.0) * min(cap, 2.0 ** min(attempts, MAX_BACKOFF_EXPONENT))
 
 
 class Submitter:
@@ -117,16 +122,21 @@ class Submitter:
         while True:
             await asyncio.sleep(interval)
             try:
-                async with self.pool.connection() as conn:
-                    due = await inbox.claim_due_batches(
-                        conn, list(self.pipelines), self.settings.stuck_batch_seconds
-                    )
-                for batch_id, pipeline, attempts in due:
-                    await self._submit(batch_id, pipeline, attempts)
+                await self.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("submission sweep failed; next sweep in %.0fs", interval)
+
+    async def sweep(self) -> None:
+        """Lease the batches that are due and submit each; one that fails does not stop the others."""
+        async with self.pool.connection() as conn:
+            due = await inbox.claim_due_batches(conn, list(self.pipelines), self.settings.stuck_batch_seconds)
+        for batch_id, pipeline, attempts in due:
+            try:
+                await self._submit(batch_id, pipeline, attempts)
+            except Exception:  # its lease expires and a later sweep tries it again
+                log.exception("batch %s (%s): submission failed; retried once its lease expires", batch_id, pipeline)
 
     async def _measure_backlog_forever(self, interval: float = 5.0) -> None:
         """Keep the backlog gauges (pending batches, oldest unprocessed record) current."""
