@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception, retry_if_exception_type,
 from consumers import metrics
 from consumers.batcher import Batcher
 from consumers.deadletter import DeadLetterer
+from consumers.delivery import channel_lost, give_back, label
 from consumers.poison import PoisonGuard
 from consumers.submit import Submitter
 from consumers.topology import declare_topology
@@ -109,13 +110,17 @@ class PipelineConsumer:
                 # A bug, not bad input: the message goes back, and the delivery limit
                 # dead-letters it if it keeps failing; the messages around it go on.
                 log.exception("message %s of %s: unexpected error, returned to the queue",
-                              message.message_id or message.delivery_tag, self.pipeline.name)
-                await message.nack(requeue=True)
+                              label(message), self.pipeline.name)
+                await give_back(message)
             if self.batcher.due:
                 await self._flush()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         metrics.RECEIVED.labels(self.pipeline.name).inc()
+        if channel_lost(message):  # taken before a broker reconnect: see consumers/delivery.py
+            log.info("message %s of %s: its channel was lost (broker reconnect); left to its redelivery",
+                     label(message), self.pipeline.name)
+            return
         key = message_key(message.body, message.message_id)
         # A redelivered message may be the one a consumer died of: see consumers/poison.py.
         if message.redelivered and not await self._retrying(
@@ -127,13 +132,7 @@ class PipelineConsumer:
                 os.kill(os.getpid(), signal.SIGKILL)
             record = decode(message.body, message.content_type, self.app.settings.max_message_bytes)
         except InvalidMessage as exc:
-            try:
-                await self.deadletterer.reject(message, exc)
-            except Exception as publish_error:
-                # Not acked: redelivered and tried again (or dead-lettered by the delivery limit).
-                log.error("message %s: dead-lettering failed (%s), returned to the queue",
-                          message.message_id or message.delivery_tag, publish_error)
-                await message.nack(requeue=True)
+            await self.deadletterer.reject(message, exc)
             return
         finally:
             if message.redelivered:
@@ -147,7 +146,7 @@ class PipelineConsumer:
                   message.message_id or key[:40], self.pipeline.name, deliveries, self.pipeline.delivery_limit)
         if deliveries > self.pipeline.delivery_limit:  # this return dead-letters it: the note has served
             await self._retrying(f"message {key[:40]}: poison check", lambda: self.guard.leave(key))
-        await message.nack(requeue=True)
+        await give_back(message)
 
     async def _flush(self) -> None:
         if not self.batcher.items:
@@ -159,6 +158,9 @@ class PipelineConsumer:
 
     async def _commit(self, entries: list[Entry]) -> None:
         batch_id = uuid4()
+        entries = self._on_live_channel(batch_id, entries)
+        if not entries:
+            return
         try:
             entries, inserted = await self._store(batch_id, entries)
         except Exception as exc:
@@ -168,7 +170,7 @@ class PipelineConsumer:
                       batch_id, self.pipeline.name, type(exc).__name__, exc, len(entries),
                       exc_info=not isinstance(exc, psycopg.Error))
             for _, message in entries:
-                await self._return(message)
+                await give_back(message)
             return
         if not entries:
             return
@@ -178,7 +180,7 @@ class PipelineConsumer:
                 metrics.ACKED.labels(self.pipeline.name).inc()
             except Exception as exc:  # channel lost: the broker redelivers, the inbox dedups
                 log.warning("message %s: ack failed after commit (%s); its redelivery will be deduplicated",
-                            message.message_id or message.delivery_tag, exc)
+                            label(message), exc)
         duplicates = len(entries) - inserted
         if not inserted:
             log.info("%d message(s) of %s already in the inbox (redelivered or published again): acked",
@@ -192,6 +194,14 @@ class PipelineConsumer:
             entries[0][0].message_key[:24], entries[-1][0].message_key[:24],
         )
         self.app.submitter.submit_soon(batch_id, self.pipeline.name)
+
+    def _on_live_channel(self, batch_id, entries: list[Entry]) -> list[Entry]:
+        """The entries whose channel is still open: the others are the broker's again."""
+        live = [(accepted, message) for accepted, message in entries if not channel_lost(message)]
+        if len(live) < len(entries):
+            log.info("batch %s (%s): %d message(s) taken before a broker reconnect dropped; left to their "
+                     "redelivery", batch_id, self.pipeline.name, len(entries) - len(live))
+        return live
 
     async def _store(self, batch_id, entries: list[Entry]) -> tuple[list[Entry], int]:
         """Commit the batch; return the entries written (refused ones dead-lettered) and how many were new."""
@@ -229,7 +239,8 @@ class PipelineConsumer:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_commit_can_succeed_later),
             wait=wait_random_exponential(multiplier=0.5, max=COMMIT_MAX_BACKOFF_SECONDS),
-            stop=lambda _: self.app.stopping.is_set(), reraise=True,
+            # Stopping, or the channel lost (the broker has the messages back): give the batch up.
+            stop=lambda _: self.app.stopping.is_set() or all(channel_lost(m) for _, m in entries), reraise=True,
             sleep=self._pause, before_sleep=failed,
         ):
             with attempt:
@@ -241,13 +252,6 @@ class PipelineConsumer:
             await asyncio.wait_for(self.app.stopping.wait(), seconds)
         except TimeoutError:
             pass
-
-    async def _return(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await message.nack(requeue=True)
-        except Exception as exc:  # channel lost: the broker returns it anyway
-            log.warning("message %s: could not be returned (%s); the broker redelivers it",
-                        message.message_id or message.delivery_tag, exc)
 
     @staticmethod
     async def _retrying(what: str, operation: Callable[[], Awaitable[T]]) -> T:

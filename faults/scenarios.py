@@ -29,6 +29,7 @@ CRASH_HEADER = "x-test-crash"  # the stack runs with INGEST_TEST_CRASH_HEADER se
 SETTLE_SECONDS = 300
 PUBLISH_SECONDS = 20
 OUTAGE_SECONDS = 5  # broker and database restarts: down this long
+CONSUMER_CONNECTIONS = "ingest-consumer"  # how consumers name their connections to the broker
 
 
 @dataclass
@@ -52,14 +53,16 @@ class Suite:
         return self.observer.query("SELECT count(*) FROM inbox WHERE pipeline = %s", (pipeline.name,))[0][0]
 
     def run(self, name: str, fault: Callable, seconds: float = PUBLISH_SECONDS, copies: int = 1,
-            poison: int | None = None, checks: tuple[str, ...] = ()) -> Report:
-        """`checks`: notes of the fault that are counts too (the line fails unless they are 0)."""
+            poison: int | None = None, invalid_every: int | None = None, checks: tuple[str, ...] = ()) -> Report:
+        """`checks`: notes of the fault that are counts too (the line fails unless they are 0);
+        `invalid_every`: every so many records one is published that is not JSON."""
         pipeline = self.pipelines[f"faults_{name}"]
         special = Special(poison, {CRASH_HEADER: "1"}) if poison is not None else None
+        invalid = frozenset(range(0, self.records, invalid_every)) if invalid_every else frozenset()
         log_start = self.stack.log_path.stat().st_size
         redelivered = self.redelivered(pipeline)
         producer = Producer(self.rabbit.url, pipeline.name, f"{name}-{uuid.uuid4().hex[:6]}", self.records,
-                            seconds, copies, special).start()
+                            seconds, copies, special, invalid).start()
         try:
             notes = fault(self, pipeline, producer) or {}
         finally:
@@ -67,7 +70,8 @@ class Suite:
         wait_settled(self.observer, pipeline, SETTLE_SECONDS)
         notes |= self.redrive(pipeline)
         report = count(self.observer, pipeline, producer,
-                       poison={producer.message_id(poison)} if poison is not None else set())
+                       poison={producer.message_id(poison)} if poison is not None else set(),
+                       invalid={producer.message_id(i) for i in invalid})
         now = self.redelivered(pipeline)
         notes["redelivered"] = now if now < redelivered else now - redelivered  # a restarted broker counts from 0
         if producer.errors:
@@ -238,6 +242,17 @@ def inbox_refusing_commits(suite: Suite, pipeline: Pipeline, producer: Producer)
     return {"commits_refused": refused, "consumer_exits": len(re.findall(r"exited: consumer", text))}
 
 
+def broker_reconnect(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    """The broker closes the consumers' connections three times while they hold batches, good
+    and invalid messages among them (Suite.run, invalid_every): they reconnect, leave what they
+    had taken to its redelivery, and dead-letter each invalid message once (`dead_twice`)."""
+    closed = 0
+    for share in (0.25, 0.5, 0.75):
+        into_publishing(suite, producer, share)
+        closed += suite.rabbit.close_connections(CONSUMER_CONNECTIONS)
+    return {"connections_closed": closed}
+
+
 def scenarios(records: int) -> dict[str, Callable[[Suite], Report]]:
     """Name -> what runs it, in the issue's order."""
     return {
@@ -251,4 +266,5 @@ def scenarios(records: int) -> dict[str, Callable[[Suite], Report]]:
         "same_id": lambda s: s.run("same_id", same_id, copies=3),
         "consumer_stop": lambda s: s.run("consumer_stop", consumer_stop, checks=("handled_twice",)),
         "inbox_refusing": lambda s: s.run("inbox_refusing", inbox_refusing_commits, checks=("consumer_exits",)),
+        "broker_reconnect": lambda s: s.run("broker_reconnect", broker_reconnect, invalid_every=50),
     }
