@@ -162,7 +162,7 @@ class PipelineConsumer:
         if not entries:
             return
         try:
-            entries, inserted = await self._store(batch_id, entries)
+            entries, written = await self._store(batch_id, entries)
         except Exception as exc:
             # Only when stopping with the database still refusing, or a bug: the consumer
             # lives on, and the messages go back (one delivery each) for the next consumer.
@@ -172,8 +172,10 @@ class PipelineConsumer:
             for _, message in entries:
                 await give_back(message)
             return
-        if not entries:
+        entries = await self._dead_letter_conflicts(entries, written.conflicts)
+        if not entries:  # all refused by PostgreSQL or in conflict: dead-lettered
             return
+        inserted = written.inserted
         for _, message in entries:
             try:
                 await message.ack()
@@ -203,17 +205,17 @@ class PipelineConsumer:
                      "redelivery", batch_id, self.pipeline.name, len(entries) - len(live))
         return live
 
-    async def _store(self, batch_id, entries: list[Entry]) -> tuple[list[Entry], int]:
-        """Commit the batch; return the entries written (refused ones dead-lettered) and how many were new."""
+    async def _store(self, batch_id, entries: list[Entry]) -> tuple[list[Entry], inbox.Written]:
+        """Commit the batch; return the entries written (refused ones dead-lettered) and what the write did."""
         try:
             return entries, await self._write(batch_id, entries)
         except psycopg.DataError:
             # A value PostgreSQL refuses that the contract check let through must not block
             # the batch: dead-letter those messages, write the others.
             entries = await self._dead_letter_refused(entries)
-            return entries, (await self._write(batch_id, entries) if entries else 0)
+            return entries, (await self._write(batch_id, entries) if entries else inbox.Written(0, {}))
 
-    async def _write(self, batch_id, entries: list[Entry]) -> int:
+    async def _write(self, batch_id, entries: list[Entry]) -> inbox.Written:
         """The inbox transaction, attempted until it commits (or the consumer stops).
 
         The messages stay in hand, unacked, meanwhile: returning them would count a delivery
@@ -221,7 +223,7 @@ class PipelineConsumer:
         messages. In hand, the prefetch limit stops deliveries, and the next batch's flush
         waits for this commit: the consumer neither spins nor takes more.
         """
-        async def write() -> int:
+        async def write() -> inbox.Written:
             with metrics.INBOX_WRITE.labels(self.pipeline.name).time():
                 async with self.app.pool.connection() as conn:
                     return await inbox.write_batch(
@@ -263,6 +265,17 @@ class PipelineConsumer:
         ):
             with attempt:
                 return await operation()
+
+    async def _dead_letter_conflicts(self, entries: list[Entry], conflicts: dict[int, str | None]) -> list[Entry]:
+        """A message id used before for another body: the stored record stays, the newcomer is
+        dead-lettered (acking it would drop it silently); the others go on."""
+        for index, stored in conflicts.items():
+            accepted, message = entries[index]
+            await self.deadletterer.reject(message, InvalidMessage("id_conflict", (
+                f"message id {message.message_id!r} was used before for another body: the inbox holds "
+                f"sha256:{stored or '(not recorded: stored before migration 0005)'}, this body is "
+                f"sha256:{accepted.body_sha256.hex()}")))
+        return [entry for index, entry in enumerate(entries) if index not in conflicts]
 
     async def _dead_letter_refused(self, entries: list[Entry]) -> list[Entry]:
         kept = []

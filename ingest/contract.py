@@ -17,7 +17,10 @@ from pydantic import (
     AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError,
 )
 
-Reason = Literal["not_utf8", "not_json", "not_object", "invalid", "too_large", "unsupported_content_type"]
+# Why a message is dead-lettered (`x-error-reason`). All but `id_conflict` come from decode();
+# the inbox finds that one: a message id used again for another body.
+Reason = Literal["not_utf8", "not_json", "not_object", "invalid", "too_large", "unsupported_content_type",
+                 "id_conflict"]
 
 
 class InvalidMessage(Exception):

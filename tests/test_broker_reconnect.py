@@ -13,7 +13,7 @@ import psycopg
 
 from tests.fixtures.checks import assert_exactly_once, records
 from tests.fixtures.services import AMQP_URL
-from tests.fixtures.stack import Outgoing, answers, free_port, read_metric, wait_for
+from tests.fixtures.stack import Outgoing, wait_for
 from tests.fixtures.tcp_proxy import TcpProxy
 
 INSERTS_WAITING = """SELECT count(*) FROM pg_stat_activity
@@ -27,12 +27,9 @@ def test_messages_in_hand_at_a_broker_reconnect_are_stored_or_dead_lettered_once
     bad = [Outgoing(b'{"id": "oops", ' + str(k).encode(), f"{source}-bad-{k}") for k in range(10)]
     broker = urlsplit(AMQP_URL)
     proxy = TcpProxy(broker.hostname, broker.port or 5672)
-    port = free_port()
-    metrics_url = f"http://127.0.0.1:{port}/metrics"
-    consumer = stack.start("consumer-reconnect", "consumer", "-p", pipeline.name,
-                           env={"INGEST_AMQP_URL": proxy.url(AMQP_URL), "INGEST_METRICS_PORT": str(port)})
+    watched = stack.start_consumer("consumer-reconnect", pipeline, env={"INGEST_AMQP_URL": proxy.url(AMQP_URL)})
+    consumer = watched.process
     try:
-        wait_for(lambda: answers(metrics_url), 60, "the consumer's metrics", stack)
         database = psycopg.connect(stack.database_url).info.dbname
         # A transaction holding the inbox keeps the first batch's commit waiting; the second
         # batch's flush waits for it, so the consume loop stops and what comes next stays in hand.
@@ -41,8 +38,8 @@ def test_messages_in_hand_at_a_broker_reconnect_are_stored_or_dead_lettered_once
             stack.publish(pipeline.name, good[:10])
             wait_for(lambda: stack.scalar(INSERTS_WAITING, (database,)) == 1, 60, "the first commit waiting", stack)
             stack.publish(pipeline.name, good[10:60])  # a full batch: its flush waits
-            wait_for(lambda: read_metric(metrics_url, "ingest_messages_received_total", pipeline=pipeline.name)
-                     == 60, 60, "the second batch taken", stack)
+            wait_for(lambda: watched.metric("ingest_messages_received_total") == 60, 60, "the second batch taken",
+                     stack)
             stack.publish(pipeline.name, bad + good[60:])
             wait_for(lambda: stack.queue_depth(pipeline.queue) == 0, 60, "everything delivered", stack)
 

@@ -10,19 +10,7 @@ import uuid
 
 from tests.fixtures.checks import assert_exactly_once, records
 from tests.fixtures.refusal import inbox_refusing
-from tests.fixtures.stack import answers, free_port, read_metric, wait_for
-
-def start_consumer(stack, pipeline, name: str):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/metrics"
-    consumer = stack.start(name, "consumer", "-p", pipeline.name, env={"INGEST_METRICS_PORT": str(port)})
-    wait_for(lambda: answers(url), 60, f"{name}'s metrics endpoint", stack)
-
-    def metric(name: str) -> float:
-        assert consumer.alive, f"the consumer exited with {consumer.popen.returncode}:\n{consumer.log_tail()}"
-        return read_metric(url, name, pipeline=pipeline.name)
-
-    return consumer, metric
+from tests.fixtures.stack import wait_for
 
 
 def test_a_refused_inbox_commit_is_retried_with_the_messages_held_until_it_succeeds(stack):
@@ -30,7 +18,8 @@ def test_a_refused_inbox_commit_is_retried_with_the_messages_held_until_it_succe
     source = f"refusing-{uuid.uuid4().hex[:8]}"
     count = 300
     with inbox_refusing(stack.database_url, pipeline.name) as refusal:
-        first, metric = start_consumer(stack, pipeline, "consumer-refusing")
+        consumer = stack.start_consumer("consumer-refusing", pipeline)
+        first, metric = consumer.process, consumer.metric
         stack.publish(pipeline.name, records(source, count))
         wait_for(lambda: metric("ingest_inbox_commit_failures_total") >= 2, 60, "commit attempts refused", stack)
         # It lives, serves its metrics, and holds what it has (no more than its prefetch) unacked.
@@ -48,7 +37,8 @@ def test_a_refused_inbox_commit_is_retried_with_the_messages_held_until_it_succe
         assert re.search(rf"batch \S+ \({pipeline.name}\): not committed \(RaiseException", log), log[-3000:]
         assert re.search(r"\bstopped\s*$", log), log[-3000:]
 
-        second, metric = start_consumer(stack, pipeline, "consumer-refusing")
+        consumer = stack.start_consumer("consumer-refusing", pipeline)
+        second, metric = consumer.process, consumer.metric
         wait_for(lambda: metric("ingest_inbox_commit_failures_total") >= 1, 60, "the next consumer refused", stack)
     assert_exactly_once(stack, pipeline, source, count)
     # Each message came to the second consumer once: held, never returned and redelivered.
