@@ -117,6 +117,8 @@ class PipelineConsumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         metrics.RECEIVED.labels(self.pipeline.name).inc()
+        if message.redelivered:
+            metrics.REDELIVERED.labels(self.pipeline.name).inc()
         if channel_lost(message):  # taken before a broker reconnect: see consumers/delivery.py
             log.info("message %s of %s: its channel was lost (broker reconnect); left to its redelivery",
                      label(message), self.pipeline.name)

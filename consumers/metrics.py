@@ -12,6 +12,10 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 log = logging.getLogger(__name__)
 
 RECEIVED = Counter("ingest_messages_received", "Messages delivered to this consumer.", ["pipeline"])
+REDELIVERED = Counter(
+    "ingest_messages_redelivered",
+    "Messages delivered again (a consumer died or lost its channel holding them, or returned them).", ["pipeline"],
+)
 ACKED = Counter("ingest_messages_acked", "Messages acked after their batch was committed to the inbox.", ["pipeline"])
 DEAD_LETTERED = Counter(
     "ingest_messages_dead_lettered", "Messages dead-lettered by this consumer, by reason.", ["pipeline", "reason"]
