@@ -21,16 +21,16 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from tenacity import AsyncRetrying, retry_if_exception, retry_if_exception_type, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from consumers import metrics
 from consumers.batcher import Batcher
+from consumers.commit import Entry, InboxCommit
 from consumers.deadletter import DeadLetterer
 from consumers.delivery import channel_lost, give_back, label
 from consumers.poison import PoisonGuard
 from consumers.submit import Submitter
 from consumers.topology import declare_topology
-from ingest import inbox
 from ingest.contract import InvalidMessage, decode, message_key
 from ingest.inbox import Accepted
 from ingest.pipelines import Pipeline
@@ -43,19 +43,7 @@ log = logging.getLogger(__name__)
 # Never set in production.
 CRASH_HEADER = os.environ.get("INGEST_TEST_CRASH_HEADER")
 
-Entry = tuple[Accepted, AbstractIncomingMessage]
 T = TypeVar("T")
-
-# Longest wait between two attempts of a batch's inbox commit.
-COMMIT_MAX_BACKOFF_SECONDS = 10.0
-
-
-def _commit_can_succeed_later(exc: BaseException) -> bool:
-    """Any database error but a value PostgreSQL refuses (that one is dead-lettered): the
-    database down, or refusing every write (a revoked privilege, a trigger that raises, a
-    missing table) until an operator fixes it."""
-    return isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.DataError)
-
 
 class PipelineConsumer:
     """Consumes one pipeline's queue on its own channel; one batch commits at a time."""
@@ -74,6 +62,8 @@ class PipelineConsumer:
         self.deadletterer = DeadLetterer(self.channel, self.pipeline)
         self.guard = PoisonGuard(self.app.pool, self.pipeline.name)
         await self.deadletterer.start()
+        self.committer = InboxCommit(self.pipeline, self.app.pool, self.app.settings, self.deadletterer,
+                                     self.app.stopping)
         self.queue = await self.channel.get_queue(self.pipeline.queue, ensure=True)
         self.consumer_tag = await self.queue.consume(self.incoming.put, no_ack=False)
         self.loop_task = asyncio.create_task(self._loop(), name=f"consume-{self.pipeline.name}")
@@ -164,7 +154,7 @@ class PipelineConsumer:
         if not entries:
             return
         try:
-            entries, written = await self._store(batch_id, entries)
+            entries, inserted = await self.committer.commit(batch_id, entries)
         except Exception as exc:
             # Only when stopping with the database still refusing, or a bug: the consumer
             # lives on, and the messages go back (one delivery each) for the next consumer.
@@ -174,10 +164,8 @@ class PipelineConsumer:
             for _, message in entries:
                 await give_back(message)
             return
-        entries = await self._dead_letter_conflicts(entries, written.conflicts)
         if not entries:  # all refused by PostgreSQL or in conflict: dead-lettered
             return
-        inserted = written.inserted
         for _, message in entries:
             try:
                 await message.ack()
@@ -207,56 +195,6 @@ class PipelineConsumer:
                      "redelivery", batch_id, self.pipeline.name, len(entries) - len(live))
         return live
 
-    async def _store(self, batch_id, entries: list[Entry]) -> tuple[list[Entry], inbox.Written]:
-        """Commit the batch; return the entries written (refused ones dead-lettered) and what the write did."""
-        try:
-            return entries, await self._write(batch_id, entries)
-        except psycopg.DataError:
-            # A value PostgreSQL refuses that the contract check let through must not block
-            # the batch: dead-letter those messages, write the others.
-            entries = await self._dead_letter_refused(entries)
-            return entries, (await self._write(batch_id, entries) if entries else inbox.Written(0, {}))
-
-    async def _write(self, batch_id, entries: list[Entry]) -> inbox.Written:
-        """The inbox transaction, attempted until it commits (or the consumer stops).
-
-        The messages stay in hand, unacked, meanwhile: returning them would count a delivery
-        each time, and a long outage would then reach the delivery limit and dead-letter good
-        messages. In hand, the prefetch limit stops deliveries, and the next batch's flush
-        waits for this commit: the consumer neither spins nor takes more.
-        """
-        async def write() -> inbox.Written:
-            with metrics.INBOX_WRITE.labels(self.pipeline.name).time():
-                async with self.app.pool.connection() as conn:
-                    return await inbox.write_batch(
-                        conn, self.pipeline.name, batch_id, [a for a, _ in entries],
-                        self.app.settings.stuck_batch_seconds,
-                    )
-
-        def failed(state) -> None:
-            metrics.COMMIT_FAILURES.labels(self.pipeline.name).inc()
-            exc = state.outcome.exception()
-            log.error("batch %s (%s): inbox commit failed (attempt %d), its %d message(s) held unacked, "
-                      "retry in %.1fs: %s: %s", batch_id, self.pipeline.name, state.attempt_number, len(entries),
-                      state.upcoming_sleep, type(exc).__name__, str(exc).strip())
-
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_commit_can_succeed_later),
-            wait=wait_random_exponential(multiplier=0.5, max=COMMIT_MAX_BACKOFF_SECONDS),
-            # Stopping, or the channel lost (the broker has the messages back): give the batch up.
-            stop=lambda _: self.app.stopping.is_set() or all(channel_lost(m) for _, m in entries), reraise=True,
-            sleep=self._pause, before_sleep=failed,
-        ):
-            with attempt:
-                return await write()
-
-    async def _pause(self, seconds: float) -> None:
-        """A backoff that a stop cuts short (supervisord waits `stopwaitsecs`, not for the database)."""
-        try:
-            await asyncio.wait_for(self.app.stopping.wait(), seconds)
-        except TimeoutError:
-            pass
-
     @staticmethod
     async def _retrying(what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run `operation` again for as long as the database is unreachable (nothing is acked meanwhile)."""
@@ -267,28 +205,6 @@ class PipelineConsumer:
         ):
             with attempt:
                 return await operation()
-
-    async def _dead_letter_conflicts(self, entries: list[Entry], conflicts: dict[int, str | None]) -> list[Entry]:
-        """A message id used before for another body: the stored record stays, the newcomer is
-        dead-lettered (acking it would drop it silently); the others go on."""
-        for index, stored in conflicts.items():
-            accepted, message = entries[index]
-            await self.deadletterer.reject(message, InvalidMessage("id_conflict", (
-                f"message id {message.message_id!r} was used before for another body: the inbox holds "
-                f"sha256:{stored or '(not recorded: stored before migration 0005)'}, this body is "
-                f"sha256:{accepted.body_sha256.hex()}")))
-        return [entry for index, entry in enumerate(entries) if index not in conflicts]
-
-    async def _dead_letter_refused(self, entries: list[Entry]) -> list[Entry]:
-        kept = []
-        async with self.app.pool.connection() as conn:
-            for accepted, message in entries:
-                refusal = await inbox.refusal(conn, accepted)
-                if refusal is None:
-                    kept.append((accepted, message))
-                else:
-                    await self.deadletterer.reject(message, InvalidMessage("invalid", f"PostgreSQL refused it: {refusal}"))
-        return kept
 
 
 class Consumer:
