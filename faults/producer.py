@@ -58,6 +58,7 @@ class Producer:
     attempted: set[str] = field(default_factory=set)
     confirmed: set[str] = field(default_factory=set)
     errors: dict[str, str] = field(default_factory=dict)
+    bodies: dict[int, bytes] = field(default_factory=dict)  # record i's body, the same for every copy
 
     def message_id(self, i: int) -> str:
         return f"{self.source}-{i}"
@@ -84,7 +85,9 @@ class Producer:
                 headers = self.special.headers if self.special and self.special.index == i else None
                 self.attempted.add(message_id)  # before the first try: it may be stored unconfirmed
                 try:
-                    body = INVALID if i in self.invalid else envelope(self.source, i)
+                    # One body per record: copies of it under its one message id are duplicates,
+                    # where another body under that id would be an id conflict (dead-lettered).
+                    body = INVALID if i in self.invalid else self.bodies.setdefault(i, envelope(self.source, i))
                     await publisher.publish(body, self.pipeline, message_id=message_id, headers=headers)
                     self.confirmed.add(message_id)
                 except Exception as exc:  # given up after every retry: attempted, not confirmed
