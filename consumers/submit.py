@@ -203,11 +203,14 @@ class Submitter:
     async def _reschedule(self, run: FlowRun) -> None:
         """Claim the run, then schedule it: two transitions Prefect orchestrates, none forced.
 
-        Prefect refuses a move to Pending from Running, Cancelling or Cancelled, and from
+        No rule of Prefect's refuses Scheduled from Running, so Scheduled alone would not do.
+        But Prefect refuses a move to Pending from Running, Cancelling or Cancelled, and from
         Pending to Pending of the same name (PreventPendingTransitions: what keeps two
         workers from submitting one run). So the claim, a Pending sub-state of our own name,
-        is refused when the run moved on after we read it, e.g. its worker started it after
-        all; forcing Scheduled, as before, sent such a run back to be run a second time.
+        is refused when the run moved on after we read it, e.g. its worker, slow rather than
+        dead, started it; forcing Scheduled, as before, sent such a run back to run again.
+        Prefect still lets a claimed run start (Pending to Running) until it is Scheduled:
+        a window of one API call, which no unforced transition closes.
         """
         message = f"Pending since {run.state.timestamp:%H:%M:%S} UTC: its worker is gone; scheduled again"
         claim_name = CLAIMS[1] if run.state.name == CLAIMS[0] else CLAIMS[0]
