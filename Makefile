@@ -44,7 +44,7 @@ bench: install
 
 # Kills, restarts and outages against the real stack (supervisord, as in production) on a
 # PostgreSQL and a RabbitMQ of its own; one line per scenario, exit 1 if anything was lost
-# or duplicated (about 7 minutes). FAULTS_ARGS: e.g. --records 1500, --only poison.
+# or duplicated (about 8 minutes). FAULTS_ARGS: e.g. --records 1500, --only poison.
 FAULTS_ARGS ?=
 faults: install
 	$(BIN)/python -m faults.run $(FAULTS_ARGS)

@@ -25,11 +25,12 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 
 from consumers import metrics
 from consumers.batcher import Batcher
+from consumers.commit import Entry, InboxCommit
 from consumers.deadletter import DeadLetterer
+from consumers.delivery import channel_lost, give_back, label
 from consumers.poison import PoisonGuard
 from consumers.submit import Submitter
 from consumers.topology import declare_topology
-from ingest import inbox
 from ingest.contract import InvalidMessage, decode, message_key
 from ingest.inbox import Accepted
 from ingest.pipelines import Pipeline
@@ -42,9 +43,7 @@ log = logging.getLogger(__name__)
 # Never set in production.
 CRASH_HEADER = os.environ.get("INGEST_TEST_CRASH_HEADER")
 
-Entry = tuple[Accepted, AbstractIncomingMessage]
 T = TypeVar("T")
-
 
 class PipelineConsumer:
     """Consumes one pipeline's queue on its own channel; one batch commits at a time."""
@@ -63,6 +62,8 @@ class PipelineConsumer:
         self.deadletterer = DeadLetterer(self.channel, self.pipeline)
         self.guard = PoisonGuard(self.app.pool, self.pipeline.name)
         await self.deadletterer.start()
+        self.committer = InboxCommit(self.pipeline, self.app.pool, self.app.settings, self.deadletterer,
+                                     self.app.stopping)
         self.queue = await self.channel.get_queue(self.pipeline.queue, ensure=True)
         self.consumer_tag = await self.queue.consume(self.incoming.put, no_ack=False)
         self.loop_task = asyncio.create_task(self._loop(), name=f"consume-{self.pipeline.name}")
@@ -99,13 +100,19 @@ class PipelineConsumer:
                 # A bug, not bad input: the message goes back, and the delivery limit
                 # dead-letters it if it keeps failing; the messages around it go on.
                 log.exception("message %s of %s: unexpected error, returned to the queue",
-                              message.message_id or message.delivery_tag, self.pipeline.name)
-                await message.nack(requeue=True)
+                              label(message), self.pipeline.name)
+                await give_back(message)
             if self.batcher.due:
                 await self._flush()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         metrics.RECEIVED.labels(self.pipeline.name).inc()
+        if message.redelivered:
+            metrics.REDELIVERED.labels(self.pipeline.name).inc()
+        if channel_lost(message):  # taken before a broker reconnect: see consumers/delivery.py
+            log.info("message %s of %s: its channel was lost (broker reconnect); left to its redelivery",
+                     label(message), self.pipeline.name)
+            return
         key = message_key(message.body, message.message_id)
         # A redelivered message may be the one a consumer died of: see consumers/poison.py.
         if message.redelivered and not await self._retrying(
@@ -117,13 +124,7 @@ class PipelineConsumer:
                 os.kill(os.getpid(), signal.SIGKILL)
             record = decode(message.body, message.content_type, self.app.settings.max_message_bytes)
         except InvalidMessage as exc:
-            try:
-                await self.deadletterer.reject(message, exc)
-            except Exception as publish_error:
-                # Not acked: redelivered and tried again (or dead-lettered by the delivery limit).
-                log.error("message %s: dead-lettering failed (%s), returned to the queue",
-                          message.message_id or message.delivery_tag, publish_error)
-                await message.nack(requeue=True)
+            await self.deadletterer.reject(message, exc)
             return
         finally:
             if message.redelivered:
@@ -137,7 +138,7 @@ class PipelineConsumer:
                   message.message_id or key[:40], self.pipeline.name, deliveries, self.pipeline.delivery_limit)
         if deliveries > self.pipeline.delivery_limit:  # this return dead-letters it: the note has served
             await self._retrying(f"message {key[:40]}: poison check", lambda: self.guard.leave(key))
-        await message.nack(requeue=True)
+        await give_back(message)
 
     async def _flush(self) -> None:
         if not self.batcher.items:
@@ -149,22 +150,29 @@ class PipelineConsumer:
 
     async def _commit(self, entries: list[Entry]) -> None:
         batch_id = uuid4()
+        entries = self._on_live_channel(batch_id, entries)
+        if not entries:
+            return
         try:
-            inserted = await self._write(batch_id, entries)
-        except psycopg.DataError:
-            # A value PostgreSQL refuses that the contract check let through must not block
-            # the batch: dead-letter those messages, write the others.
-            entries = await self._dead_letter_refused(entries)
-            if not entries:
-                return
-            inserted = await self._write(batch_id, entries)
+            entries, inserted = await self.committer.commit(batch_id, entries)
+        except Exception as exc:
+            # Only when stopping with the database still refusing, or a bug: the consumer
+            # lives on, and the messages go back (one delivery each) for the next consumer.
+            log.error("batch %s (%s): not committed (%s: %s); its %d message(s) returned to the queue",
+                      batch_id, self.pipeline.name, type(exc).__name__, exc, len(entries),
+                      exc_info=not isinstance(exc, psycopg.Error))
+            for _, message in entries:
+                await give_back(message)
+            return
+        if not entries:  # all refused by PostgreSQL or in conflict: dead-lettered
+            return
         for _, message in entries:
             try:
                 await message.ack()
                 metrics.ACKED.labels(self.pipeline.name).inc()
             except Exception as exc:  # channel lost: the broker redelivers, the inbox dedups
                 log.warning("message %s: ack failed after commit (%s); its redelivery will be deduplicated",
-                            message.message_id or message.delivery_tag, exc)
+                            label(message), exc)
         duplicates = len(entries) - inserted
         if not inserted:
             log.info("%d message(s) of %s already in the inbox (redelivered or published again): acked",
@@ -179,17 +187,13 @@ class PipelineConsumer:
         )
         self.app.submitter.submit_soon(batch_id, self.pipeline.name)
 
-
-    async def _write(self, batch_id, entries: list[Entry]) -> int:
-        async def write() -> int:
-            with metrics.INBOX_WRITE.labels(self.pipeline.name).time():
-                async with self.app.pool.connection() as conn:
-                    return await inbox.write_batch(
-                        conn, self.pipeline.name, batch_id, [a for a, _ in entries],
-                        self.app.settings.stuck_batch_seconds,
-                    )
-
-        return await self._retrying(f"batch {batch_id} ({self.pipeline.name}): inbox write", write)
+    def _on_live_channel(self, batch_id, entries: list[Entry]) -> list[Entry]:
+        """The entries whose channel is still open: the others are the broker's again."""
+        live = [(accepted, message) for accepted, message in entries if not channel_lost(message)]
+        if len(live) < len(entries):
+            log.info("batch %s (%s): %d message(s) taken before a broker reconnect dropped; left to their "
+                     "redelivery", batch_id, self.pipeline.name, len(entries) - len(live))
+        return live
 
     @staticmethod
     async def _retrying(what: str, operation: Callable[[], Awaitable[T]]) -> T:
@@ -201,17 +205,6 @@ class PipelineConsumer:
         ):
             with attempt:
                 return await operation()
-
-    async def _dead_letter_refused(self, entries: list[Entry]) -> list[Entry]:
-        kept = []
-        async with self.app.pool.connection() as conn:
-            for accepted, message in entries:
-                refusal = await inbox.refusal(conn, accepted)
-                if refusal is None:
-                    kept.append((accepted, message))
-                else:
-                    await self.deadletterer.reject(message, InvalidMessage("invalid", f"PostgreSQL refused it: {refusal}"))
-        return kept
 
 
 class Consumer:
@@ -244,13 +237,16 @@ class Consumer:
     async def shutdown(self) -> None:
         """Stop deliveries first, so in-flight batches finish and nothing new arrives."""
         log.info("stopping: cancelling consumers, finishing in-flight batches")
-        for consumer in self.consumers:
-            await consumer.stop_consuming()
-        for consumer in self.consumers:
-            await consumer.drain()
-        await self.submitter.close(timeout=self.settings.submit_timeout_seconds)
-        await self.connection.close()
-        await self.pool.close()
+        self.stopping.set()  # also when a loop died: a commit being retried gives up
+        try:
+            for consumer in self.consumers:
+                await consumer.stop_consuming()
+            for consumer in self.consumers:
+                await consumer.drain()
+        finally:  # whatever happened to a batch, the shared resources are released
+            await self.submitter.close(timeout=self.settings.submit_timeout_seconds)
+            await self.connection.close()
+            await self.pool.close()
         log.info("stopped")
 
     async def run(self) -> int:

@@ -8,6 +8,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from consumers import metrics
+from consumers.delivery import channel_lost, give_back, label
 from ingest.contract import InvalidMessage
 from ingest.pipelines import DEAD_LETTER_EXCHANGE, Pipeline
 
@@ -51,14 +52,27 @@ class DeadLetterer:
     async def reject(self, message: AbstractIncomingMessage, error: InvalidMessage) -> None:
         """Publish to `<pipeline>.dlq` and wait for the broker's confirm, then ack the original.
 
-        If the publish fails the original is not acked: it is redelivered and tried again.
+        If the publish fails the original is returned to the queue and tried again. A message
+        of a lost channel is left to its redelivery (consumers/delivery.py).
         """
-        await self.exchange.publish(
-            dead_letter_of(message, error, self.pipeline.name), routing_key=self.pipeline.name, mandatory=True
-        )
-        await message.ack()
+        if channel_lost(message):
+            log.info("message %s of %s: its channel was lost (broker reconnect); left to its redelivery",
+                     label(message), self.pipeline.name)
+            return
+        try:
+            await self.exchange.publish(
+                dead_letter_of(message, error, self.pipeline.name), routing_key=self.pipeline.name, mandatory=True
+            )
+        except Exception as exc:
+            log.error("message %s of %s: dead-lettering failed (%s: %s), returned to the queue",
+                      label(message), self.pipeline.name, type(exc).__name__, exc)
+            await give_back(message)
+            return
         metrics.DEAD_LETTERED.labels(self.pipeline.name, error.reason).inc()
-        log.warning(
-            "message %s of %s dead-lettered (%s): %s",
-            message.message_id or f"#{message.delivery_tag}", self.pipeline.name, error.reason, error.error[:300],
-        )
+        log.warning("message %s of %s dead-lettered (%s): %s",
+                    label(message), self.pipeline.name, error.reason, error.error[:300])
+        try:
+            await message.ack()
+        except Exception as exc:  # lost between the confirm and the ack: nothing can take the letter back
+            log.warning("message %s of %s: ack after dead-lettering failed (%s); its redelivery is dead-lettered "
+                        "again", label(message), self.pipeline.name, exc)

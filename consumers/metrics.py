@@ -12,6 +12,10 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 log = logging.getLogger(__name__)
 
 RECEIVED = Counter("ingest_messages_received", "Messages delivered to this consumer.", ["pipeline"])
+REDELIVERED = Counter(
+    "ingest_messages_redelivered",
+    "Messages delivered again (a consumer died or lost its channel holding them, or returned them).", ["pipeline"],
+)
 ACKED = Counter("ingest_messages_acked", "Messages acked after their batch was committed to the inbox.", ["pipeline"])
 DEAD_LETTERED = Counter(
     "ingest_messages_dead_lettered", "Messages dead-lettered by this consumer, by reason.", ["pipeline", "reason"]
@@ -35,6 +39,11 @@ OLDEST_PENDING_RECORD = Gauge(
 COMMIT_TO_FLOW_RUN = Histogram(
     "ingest_commit_to_flow_run_seconds", "From a batch's commit to the creation of its flow run.", ["pipeline"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+COMMIT_FAILURES = Counter(
+    "ingest_inbox_commit_failures",
+    "Attempts to commit a batch to the inbox that failed (its messages are held unacked and the commit retried).",
+    ["pipeline"],
 )
 INBOX_WRITE = Histogram(
     "ingest_inbox_write_seconds", "Time to write one batch to the inbox (one transaction).", ["pipeline"],

@@ -22,7 +22,9 @@ from prefect.client.schemas.filters import (
     DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.states import Scheduled
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.states import Pending, Scheduled
 from psycopg_pool import AsyncConnectionPool
 
 from consumers import metrics
@@ -33,9 +35,20 @@ from ingest.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# 2 ** 1024 overflows a float: a batch Prefect refused that often (a deployment deleted for
+# weeks) must still be deferred. Past this exponent every cap in use is reached anyway.
+MAX_BACKOFF_EXPONENT = 32
+
+# Abandoned runs are read this many at a time, until a page comes back short.
+ABANDONED_PAGE = 200
+# The Pending sub-state a consumer claims an abandoned run with before scheduling it again
+# (see Submitter._reschedule); two names, so that a claim left behind can be claimed again.
+CLAIMS = ("Rescheduling", "Rescheduling again")
+
+
 def backoff_seconds(attempts: int, cap: float) -> float:
-    """Exponential backoff with full jitter: 1, 2, 4 ... seconds, capped."""
-    return random.uniform(0.5, 1.0) * min(cap, 2.0**attempts)
+    """Exponential backoff with jitter: about 1, 2, 4 ... seconds, capped."""
+    return random.uniform(0.5, 1.0) * min(cap, 2.0 ** min(attempts, MAX_BACKOFF_EXPONENT))
 
 
 class Submitter:
@@ -117,16 +130,21 @@ class Submitter:
         while True:
             await asyncio.sleep(interval)
             try:
-                async with self.pool.connection() as conn:
-                    due = await inbox.claim_due_batches(
-                        conn, list(self.pipelines), self.settings.stuck_batch_seconds
-                    )
-                for batch_id, pipeline, attempts in due:
-                    await self._submit(batch_id, pipeline, attempts)
+                await self.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("submission sweep failed; next sweep in %.0fs", interval)
+
+    async def sweep(self) -> None:
+        """Lease the batches that are due and submit each; one that fails does not stop the others."""
+        async with self.pool.connection() as conn:
+            due = await inbox.claim_due_batches(conn, list(self.pipelines), self.settings.stuck_batch_seconds)
+        for batch_id, pipeline, attempts in due:
+            try:
+                await self._submit(batch_id, pipeline, attempts)
+            except Exception:  # its lease expires and a later sweep tries it again
+                log.exception("batch %s (%s): submission failed; retried once its lease expires", batch_id, pipeline)
 
     async def _measure_backlog_forever(self, interval: float = 5.0) -> None:
         """Keep the backlog gauges (pending batches, oldest unprocessed record) current."""
@@ -145,35 +163,65 @@ class Submitter:
     async def _reschedule_abandoned_forever(self) -> None:
         """Schedule again the runs a worker claimed and died before starting (see the module doc).
 
-        Every consumer does it; a run another one rescheduled is no longer Pending. Should the
-        run start after all, it runs once more: harmless, a run processes what is not done.
+        Every consumer does it; a run another one rescheduled is no longer Pending. Should a
+        run whose worker was only slow start after all, it runs once more: harmless, a run
+        processes what is not done.
         """
         interval = min(30.0, self.settings.abandoned_run_seconds / 2)
         while True:
             await asyncio.sleep(interval)
             try:
-                for run in await self._abandoned_runs():
-                    await self._reschedule(run)
+                await self.rescue()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Prefect down: the next round will do
                 log.warning("abandoned flow runs not checked: %s: %s", type(exc).__name__, exc)
 
+    async def rescue(self) -> None:
+        """One round: schedule again every run abandoned in Pending."""
+        for run in await self._abandoned_runs():
+            await self._reschedule(run)
+
     async def _abandoned_runs(self) -> list[FlowRun]:
+        """Every run of our deployments Pending for longer than `abandoned_run_seconds`, read
+        page by page before any is rescheduled (which would move the pages under us)."""
         deployments = [await self._deployment_id(pipeline) for pipeline in self.pipelines]
-        runs = await self.client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployments)),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING]))),
-            limit=200,
-        )
         since = datetime.now(timezone.utc) - timedelta(seconds=self.settings.abandoned_run_seconds)
-        return [run for run in runs if run.state and run.state.timestamp < since]
+        abandoned, offset = [], 0
+        while True:
+            page = await self.client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployments)),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING]))),
+                sort=FlowRunSort.ID_DESC, limit=ABANDONED_PAGE, offset=offset,
+            )
+            abandoned += [run for run in page if run.state and run.state.timestamp < since]
+            if len(page) < ABANDONED_PAGE:
+                return abandoned
+            offset += len(page)
 
     async def _reschedule(self, run: FlowRun) -> None:
-        current = await self.client.read_flow_run(run.id)
-        if current.state is None or current.state.id != run.state.id:  # it moved on meanwhile
-            return
+        """Claim the run, then schedule it: two transitions Prefect orchestrates, none forced.
+
+        No rule of Prefect's refuses Scheduled from Running, so Scheduled alone would not do.
+        But Prefect refuses a move to Pending from Running, Cancelling or Cancelled, and from
+        Pending to Pending of the same name (PreventPendingTransitions: what keeps two
+        workers from submitting one run). So the claim, a Pending sub-state of our own name,
+        is refused when the run moved on after we read it, e.g. its worker, slow rather than
+        dead, started it; forcing Scheduled, as before, sent such a run back to run again.
+        Prefect still lets a claimed run start (Pending to Running) until it is Scheduled:
+        a window of one API call, which no unforced transition closes.
+        """
         message = f"Pending since {run.state.timestamp:%H:%M:%S} UTC: its worker is gone; scheduled again"
-        await self.client.set_flow_run_state(run.id, Scheduled(message=message), force=True)
+        claim_name = CLAIMS[1] if run.state.name == CLAIMS[0] else CLAIMS[0]
+        claim = await self.client.set_flow_run_state(run.id, Pending(name=claim_name, message=message))
+        if claim.status != SetStateStatus.ACCEPT:
+            log.info("flow run %s (%s): moved on since it was read, left alone (%s)",
+                     run.id, run.name, claim.details.reason)
+            return
+        scheduled = await self.client.set_flow_run_state(run.id, Scheduled(message=message))
+        if scheduled.status != SetStateStatus.ACCEPT:  # still claimed: the next round tries again
+            log.warning("flow run %s (%s): claimed but not scheduled again (%s: %s)",
+                        run.id, run.name, scheduled.status.value, scheduled.details.reason)
+            return
         log.warning("flow run %s (%s): %s", run.id, run.name, message)

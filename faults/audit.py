@@ -4,7 +4,7 @@
 - duplicated: a record key twice in the inbox, or a batch with more than one flow run;
 - unexpected: stored (sink or inbox) but never published;
 - misdead: dead-lettered although it was a good record (every dead letter but the
-  scenario's poison message).
+  scenario's poison message and the invalid messages it published).
 """
 
 from __future__ import annotations
@@ -120,13 +120,17 @@ def wait_settled(observer: Observer, pipeline: Pipeline, timeout: float) -> None
         raise TimeoutError(f"not settled after {timeout:.0f}s: {readings[-1]}") from None
 
 
-def count(observer: Observer, pipeline: Pipeline, producer: Producer, poison: set[str] = frozenset()) -> Report:
+def count(observer: Observer, pipeline: Pipeline, producer: Producer, poison: set[str] = frozenset(),
+          invalid: set[str] = frozenset()) -> Report:
+    """`poison`, `invalid`: message ids that belong in the DLQ (by delivery limit; as refused
+    by the contract, each exactly once: `dead_twice` counts those there more than once)."""
     source = producer.source
     stored = {f"{source}-{i}" for (i,) in observer.query(
         sql.SQL("SELECT id FROM {} WHERE source = %s").format(sql.Identifier(pipeline.sink_table)), (source,))}
     inbox = {key.removeprefix("id:") for (key,) in observer.query(
         "SELECT message_key FROM inbox WHERE pipeline = %s", (pipeline.name,))}
-    dead = dict(observer.dead_letters(pipeline))  # message id -> reason
+    letters = observer.dead_letters(pipeline)
+    dead = dict(letters)  # message id -> reason
     (twice_in_inbox,), = observer.query(
         "SELECT count(*) FROM (SELECT 1 FROM inbox WHERE pipeline = %s GROUP BY source, record_id"
         " HAVING count(*) > 1) AS twice", (pipeline.name,))
@@ -136,12 +140,14 @@ def count(observer: Observer, pipeline: Pipeline, producer: Producer, poison: se
     (batches,), = observer.query("SELECT count(*) FROM batches WHERE pipeline = %s", (pipeline.name,))
     # The poison must be dead-lettered by the broker's delivery limit, not stored nor dropped.
     misrouted = {"poison_not_by_delivery_limit": sum(dead.get(p) != "delivery_limit" for p in poison)} if poison else {}
+    if invalid:
+        misrouted["dead_twice"] = sum(n > 1 for n in Counter(message_id for message_id, _ in letters).values())
     return Report(
         counts={
             "lost": len(producer.confirmed - stored - set(dead)),
             "duplicated": twice_in_inbox + batches_with_two_runs,
             "unexpected": len((stored | inbox) - producer.attempted),
-            "misdead": len(set(dead) - poison),
+            "misdead": len(set(dead) - poison - invalid),
             **misrouted,
         },
         extra={

@@ -23,6 +23,9 @@ PUBLISH_RETRIES = 40
 IN_FLIGHT = 100
 
 
+INVALID = b'{"id": "not json'  # dead-lettered as not_json on its first delivery
+
+
 def envelope(source: str, i: int) -> bytes:
     return orjson.dumps({"id": str(i), "source": source, "type": "fault.test",
                          "occurred_at": datetime.now(timezone.utc).isoformat(), "data": {"i": i, "note": "Grüße"}})
@@ -51,9 +54,11 @@ class Producer:
     seconds: float
     copies: int = 1
     special: Special | None = None
+    invalid: frozenset[int] = frozenset()  # records published with a body that is not JSON
     attempted: set[str] = field(default_factory=set)
     confirmed: set[str] = field(default_factory=set)
     errors: dict[str, str] = field(default_factory=dict)
+    bodies: dict[int, bytes] = field(default_factory=dict)  # record i's body, the same for every copy
 
     def message_id(self, i: int) -> str:
         return f"{self.source}-{i}"
@@ -80,8 +85,10 @@ class Producer:
                 headers = self.special.headers if self.special and self.special.index == i else None
                 self.attempted.add(message_id)  # before the first try: it may be stored unconfirmed
                 try:
-                    await publisher.publish(envelope(self.source, i), self.pipeline, message_id=message_id,
-                                            headers=headers)
+                    # One body per record: copies of it under its one message id are duplicates,
+                    # where another body under that id would be an id conflict (dead-lettered).
+                    body = INVALID if i in self.invalid else self.bodies.setdefault(i, envelope(self.source, i))
+                    await publisher.publish(body, self.pipeline, message_id=message_id, headers=headers)
                     self.confirmed.add(message_id)
                 except Exception as exc:  # given up after every retry: attempted, not confirmed
                     self.errors[message_id] = f"{type(exc).__name__}: {exc}"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from faults.audit import Observer, Report, count, wait_settled
 from faults.producer import Producer, Special
 from faults.services import PrivatePostgres, PrivateRabbit
+from tests.fixtures.refusal import inbox_refusing
 from tests.fixtures.stack import wait_for
 from tests.fixtures.supervised import SupervisedStack
 from ingest.pipelines import Pipeline
@@ -28,6 +29,7 @@ CRASH_HEADER = "x-test-crash"  # the stack runs with INGEST_TEST_CRASH_HEADER se
 SETTLE_SECONDS = 300
 PUBLISH_SECONDS = 20
 OUTAGE_SECONDS = 5  # broker and database restarts: down this long
+CONSUMER_CONNECTIONS = "ingest-consumer"  # how consumers name their connections to the broker
 
 
 @dataclass
@@ -51,14 +53,16 @@ class Suite:
         return self.observer.query("SELECT count(*) FROM inbox WHERE pipeline = %s", (pipeline.name,))[0][0]
 
     def run(self, name: str, fault: Callable, seconds: float = PUBLISH_SECONDS, copies: int = 1,
-            poison: int | None = None, checks: tuple[str, ...] = ()) -> Report:
-        """`checks`: notes of the fault that are counts too (the line fails unless they are 0)."""
+            poison: int | None = None, invalid_every: int | None = None, checks: tuple[str, ...] = ()) -> Report:
+        """`checks`: notes of the fault that are counts too (the line fails unless they are 0);
+        `invalid_every`: every so many records one is published that is not JSON."""
         pipeline = self.pipelines[f"faults_{name}"]
         special = Special(poison, {CRASH_HEADER: "1"}) if poison is not None else None
+        invalid = frozenset(range(0, self.records, invalid_every)) if invalid_every else frozenset()
         log_start = self.stack.log_path.stat().st_size
         redelivered = self.redelivered(pipeline)
         producer = Producer(self.rabbit.url, pipeline.name, f"{name}-{uuid.uuid4().hex[:6]}", self.records,
-                            seconds, copies, special).start()
+                            seconds, copies, special, invalid).start()
         try:
             notes = fault(self, pipeline, producer) or {}
         finally:
@@ -66,7 +70,8 @@ class Suite:
         wait_settled(self.observer, pipeline, SETTLE_SECONDS)
         notes |= self.redrive(pipeline)
         report = count(self.observer, pipeline, producer,
-                       poison={producer.message_id(poison)} if poison is not None else set())
+                       poison={producer.message_id(poison)} if poison is not None else set(),
+                       invalid={producer.message_id(i) for i in invalid})
         now = self.redelivered(pipeline)
         notes["redelivered"] = now if now < redelivered else now - redelivered  # a restarted broker counts from 0
         if producer.errors:
@@ -99,19 +104,21 @@ class Suite:
     def handled_twice(self, pipeline: Pipeline, offset: int) -> int:
         """Messages a consumer committed that came back and were dropped by the inbox's dedup
         (the consumers' log lines): the work a fault made the consumers do twice."""
-        with open(self.stack.log_path, "rb") as log:
-            log.seek(offset)
-            text = log.read().decode(errors="replace")
+        text = self.log_since(offset)
         name = re.escape(pipeline.name)
         return (sum(int(n) for n in re.findall(rf"(\d+) message\(s\) of {name} already in the inbox", text))
                 + sum(int(n) for n in re.findall(rf"\({name}\): \d+ records committed, (\d+) duplicate", text)))
 
     def exits_since(self, offset: int) -> str:
         """Programs that exited (supervisord's log lines), e.g. `consumer-0:3`."""
+        exited = Counter(m.group(1) for m in re.finditer(r"exited: (\S+) ", self.log_since(offset)))
+        return ",".join(f"{name}:{n}" for name, n in sorted(exited.items()))
+
+    def log_since(self, offset: int) -> str:
+        """The stack's log (supervisord's and every program's) from `offset` on."""
         with open(self.stack.log_path, "rb") as log:
             log.seek(offset)
-            exited = Counter(m.group(1).decode() for m in re.finditer(rb"exited: (\S+) ", log.read()))
-        return ",".join(f"{name}:{n}" for name, n in sorted(exited.items()))
+            return log.read().decode(errors="replace")
 
     def restore(self) -> None:
         """After a scenario, whatever happened: broker, database and every program up again."""
@@ -217,6 +224,35 @@ def consumer_stop(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
     return {}
 
 
+REFUSING_SECONDS = 20
+
+
+def inbox_refusing_commits(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    """The database refuses every inbox write of this pipeline (a trigger that raises, as a
+    revoked privilege would) for 20 s while publishing: consumers hold their batches and retry,
+    none exits (`consumer_exits`, a check), and nothing is dead-lettered by the delivery limit."""
+    into_publishing(suite, producer, 0.2)
+    offset = suite.stack.log_path.stat().st_size
+    with inbox_refusing(suite.observer.database_url, pipeline.name) as refusal:
+        time.sleep(REFUSING_SECONDS)
+    text = suite.log_since(offset)
+    refused = text.count(refusal)  # the consumers' log lines of the database's refusals
+    if not refused:
+        raise RuntimeError("no inbox commit was refused: the fault missed the consumers")
+    return {"commits_refused": refused, "consumer_exits": len(re.findall(r"exited: consumer", text))}
+
+
+def broker_reconnect(suite: Suite, pipeline: Pipeline, producer: Producer) -> dict:
+    """The broker closes the consumers' connections three times while they hold batches, good
+    and invalid messages among them (Suite.run, invalid_every): they reconnect, leave what they
+    had taken to its redelivery, and dead-letter each invalid message once (`dead_twice`)."""
+    closed = 0
+    for share in (0.25, 0.5, 0.75):
+        into_publishing(suite, producer, share)
+        closed += suite.rabbit.close_connections(CONSUMER_CONNECTIONS)
+    return {"connections_closed": closed}
+
+
 def scenarios(records: int) -> dict[str, Callable[[Suite], Report]]:
     """Name -> what runs it, in the issue's order."""
     return {
@@ -229,4 +265,6 @@ def scenarios(records: int) -> dict[str, Callable[[Suite], Report]]:
         "poison": lambda s: s.run("poison", poison, poison=records // 2),
         "same_id": lambda s: s.run("same_id", same_id, copies=3),
         "consumer_stop": lambda s: s.run("consumer_stop", consumer_stop, checks=("handled_twice",)),
+        "inbox_refusing": lambda s: s.run("inbox_refusing", inbox_refusing_commits, checks=("consumer_exits",)),
+        "broker_reconnect": lambda s: s.run("broker_reconnect", broker_reconnect, invalid_every=50),
     }

@@ -15,6 +15,9 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
+from urllib.parse import quote
+
+import httpx
 
 from ingest.waiting import TimedOut, poll
 from tests.fixtures.stack import free_port
@@ -143,6 +146,17 @@ class PrivateRabbit:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def close_connections(self, name_prefix: str) -> int:
+        """Close, as the broker, the client connections whose name starts so; return how many."""
+        api = f"{self.management_url}/api/connections"
+        auth = ("guest", "guest")
+        named = [c["name"] for c in httpx.get(api, auth=auth, timeout=10).raise_for_status().json()
+                 if str(c.get("client_properties", {}).get("connection_name", "")).startswith(name_prefix)]
+        for name in named:
+            httpx.delete(f"{api}/{quote(name, safe='')}", auth=auth, headers={"X-Reason": "fault suite"},
+                         timeout=10).raise_for_status()
+        return len(named)
 
     def remove(self) -> None:
         self.stop()

@@ -17,7 +17,10 @@ from pydantic import (
     AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError,
 )
 
-Reason = Literal["not_utf8", "not_json", "not_object", "invalid", "too_large", "unsupported_content_type"]
+# Why a message is dead-lettered (`x-error-reason`). All but `id_conflict` come from decode();
+# the inbox finds that one: a message id used again for another body.
+Reason = Literal["not_utf8", "not_json", "not_object", "invalid", "too_large", "unsupported_content_type",
+                 "id_conflict"]
 
 
 class InvalidMessage(Exception):
@@ -106,20 +109,29 @@ def _parse_json(text: str) -> Any:
         return value
 
 
-def _find_nul(value: Any, path: str = "") -> str | None:
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            where = f"{path}.{k}" if path else k
-            if "\x00" in k:
-                return where
-            if (found := _find_nul(v, where)) is not None:
-                return found
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            if (found := _find_nul(v, f"{path}[{i}]")) is not None:
-                return found
+def _find_nul(value: Any) -> str | None:
+    """The path of the first string (or key) holding U+0000, in document order, or None.
+
+    A loop, not recursion: a body nested about a thousand levels deep (orjson takes 1,024)
+    would otherwise end in a RecursionError instead of a refusal.
+    """
+    pending: list[tuple[Any, str]] = [(value, "")]
+    while pending:
+        value, path = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return path
+        elif isinstance(value, dict):
+            children = []
+            for k, v in value.items():
+                where = f"{path}.{k}" if path else k
+                if "\x00" in k:
+                    children.append((k, where))  # the key itself: a string holding U+0000
+                    break
+                children.append((v, where))
+            pending.extend(reversed(children))
+        elif isinstance(value, list):
+            pending.extend(reversed([(v, f"{path}[{i}]") for i, v in enumerate(value)]))
     return None
 
 

@@ -6,6 +6,7 @@ Every write here is idempotent, so any step may be repeated after a crash.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -22,6 +23,20 @@ class Accepted:
     message_key: str
     record: Record
     body: bytes
+
+    @property
+    def body_sha256(self) -> bytes:
+        return hashlib.sha256(self.body).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a batch's write did: records new to the inbox, and the messages whose key the
+    inbox holds with another body (index in the batch -> that body's SHA-256 in hex, None if
+    it was stored before hashes were kept)."""
+
+    inserted: int
+    conflicts: dict[int, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,18 +72,29 @@ VALUES (%(batch_id)s, %(pipeline)s, 0, now() + make_interval(secs => %(lease)s))
 # The arrays go in binary (%b): in text, psycopg escapes every quote of every body with a
 # regular expression, which cost more CPU than all the rest of the consumer.
 _INSERT_RECORDS = """
-INSERT INTO inbox (pipeline, message_key, batch_id, source, record_id, type, occurred_at, body)
-SELECT %(pipeline)s, k, %(batch_id)s, s, i, t, o, b::jsonb
+INSERT INTO inbox (pipeline, message_key, batch_id, source, record_id, type, occurred_at, body, body_sha256)
+SELECT %(pipeline)s, k, %(batch_id)s, s, i, t, o, b::jsonb, h
 FROM unnest(%(keys)b::text[], %(sources)b::text[], %(ids)b::text[], %(types)b::text[],
-            %(occurred)b::timestamptz[], %(bodies)b::text[]) AS u(k, s, i, t, o, b)
+            %(occurred)b::timestamptz[], %(bodies)b::text[], %(hashes)b::bytea[]) AS u(k, s, i, t, o, b, h)
 ON CONFLICT (pipeline, message_key) DO NOTHING
+"""
+
+# The messages of a batch whose key the inbox holds with another body (a message id used
+# again for another record). Compared as jsonb, so that the same JSON sent again with other
+# spacing or key order is a duplicate, not a conflict. Run only when some key was there.
+_CONFLICTS = """
+SELECT u.n - 1, encode(inbox.body_sha256, 'hex')
+FROM unnest(%(keys)b::text[], %(bodies)b::text[]) WITH ORDINALITY AS u(k, b, n)
+JOIN inbox ON inbox.pipeline = %(pipeline)s AND inbox.message_key = u.k
+WHERE inbox.body <> u.b::jsonb
 """
 
 
 async def write_batch(
     conn: psycopg.AsyncConnection, pipeline: str, batch_id: UUID, accepted: list[Accepted], lease_seconds: float
-) -> int:
-    """Insert a batch and its new records in one transaction; return how many were new.
+) -> Written:
+    """Insert a batch and its new records in one transaction; say how many were new, and
+    which messages came with a key the inbox holds for another body.
 
     A batch whose records were all seen before (a redelivery after a crash) is not kept:
     its records already belong to an earlier batch.
@@ -83,18 +109,22 @@ async def write_batch(
         "types": [a.record.type for a in accepted],
         "occurred": [a.record.occurred_at for a in accepted],
         "bodies": [a.body.decode("utf-8") for a in accepted],
+        "hashes": [a.body_sha256 for a in accepted],
     }
     async with conn.transaction():
         await conn.execute(_INSERT_BATCH, params)
         cur = await conn.execute(_INSERT_RECORDS, params)
         inserted = cur.rowcount
+        conflicts = {}
+        if inserted < len(accepted):
+            conflicts = dict(await (await conn.execute(_CONFLICTS, params)).fetchall())
         if inserted:
             await conn.execute(
                 "UPDATE batches SET record_count = %s WHERE batch_id = %s", (inserted, batch_id)
             )
         else:
             await conn.execute("DELETE FROM batches WHERE batch_id = %s", (batch_id,))
-    return inserted
+    return Written(inserted, conflicts)
 
 
 async def refusal(conn: psycopg.AsyncConnection, accepted: Accepted) -> str | None:

@@ -76,11 +76,18 @@ def test_backfill_of_everything_twice_reprocesses_without_duplicates(stack):
     in_window = stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND occurred_at >= '2030-01-01' "
                              "AND occurred_at < '2030-01-02'", (pipeline.name,))
     assert in_window, "runs after the test above, which published the window's records"
-    rows_before = stack.query(f"SELECT source, id, data FROM {pipeline.sink_table} ORDER BY 1, 2")
+    sink = f"SELECT source, id, data, ingested_at, flow_run_id FROM {pipeline.sink_table} ORDER BY 1, 2"
+    rows_before = stack.query(sink)
     runs_before = len(stack.flow_runs(pipeline))
     expected_batches = -(-in_window // pipeline.batch.max_records)
     for attempt in (1, 2):  # a new backfill of the same window reprocesses every time
         run_id = run_backfill(stack, pipeline, "--mode", "all")
-        assert stack.scalar("SELECT count(*) FROM batches WHERE origin = %s", (f"backfill:{run_id}",)) == expected_batches
+        batches = stack.query("SELECT batch_id, flow_run_id FROM batches WHERE origin = %s", (f"backfill:{run_id}",))
+        assert len(batches) == expected_batches
         assert len(stack.flow_runs(pipeline)) == runs_before + attempt * expected_batches
-    assert stack.query(f"SELECT source, id, data FROM {pipeline.sink_table} ORDER BY 1, 2") == rows_before
+        # Every row was stored again, by one of this backfill's runs; none twice, none changed.
+        rows = stack.query(sink)
+        assert [row[:3] for row in rows] == [row[:3] for row in rows_before]
+        assert all(new[3] > old[3] for new, old in zip(rows, rows_before)), "a row was not stored again"
+        assert {row[4] for row in rows} == {run for _, run in batches}
+        rows_before = rows

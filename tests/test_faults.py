@@ -6,48 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
-from collections import Counter
 
-import orjson
-
+from tests.fixtures.checks import assert_exactly_once, records
 from tests.fixtures.stack import Outgoing, wait_for
-
-
-def records(source: str, count: int) -> list[Outgoing]:
-    return [
-        Outgoing(orjson.dumps({"id": str(i), "source": source, "type": "reading", "occurred_at": "2024-05-01T00:00:00Z",
-                               "data": {"value": i, "unit": "°C"}}), f"{source}-{i}")
-        for i in range(count)
-    ]
-
-
-def assert_exactly_once(stack, pipeline, source: str, count: int) -> None:
-    """Every record stored once, every inbox row done, one completed flow run per batch."""
-    try:
-        wait_for(lambda: stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,))
-                 == count and stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND status <> 'done'",
-                                           (pipeline.name,)) == 0,
-                 240, f"{count} records of {source} stored", stack)
-    except AssertionError as exc:  # say where the records are, not only that some are missing
-        where = {
-            "sink": stack.scalar(f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s", (source,)),
-            "inbox": stack.query("SELECT status, count(*) FROM inbox WHERE pipeline = %s GROUP BY 1", (pipeline.name,)),
-            "batches": stack.query("SELECT status, count(*) FROM batches WHERE pipeline = %s GROUP BY 1",
-                                   (pipeline.name,)),
-            "runs": Counter(r.state.name for r in stack.flow_runs(pipeline)),
-            "queue": stack.queue_depth(pipeline.queue),
-        }
-        raise AssertionError(f"{where}\n{exc}") from None
-    assert stack.scalar("SELECT count(*) FROM inbox WHERE pipeline = %s AND source = %s",
-                        (pipeline.name, source)) == count
-    runs = stack.wait_for_runs_final(pipeline)
-    batches = stack.query("SELECT flow_run_id, record_count FROM batches WHERE pipeline = %s", (pipeline.name,))
-    assert sum(n for _, n in batches) == count
-    assert sorted(str(r.id) for r in runs) == sorted(str(run_id) for run_id, _ in batches)
-    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
-    assert stack.queue_depth(pipeline.queue) == 0
 
 
 def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(stack):

@@ -27,6 +27,7 @@ from consumers import rabbitmq_definitions
 from consumers.publisher import Publisher
 from consumers.topology import declare_topology
 from ingest.pipelines import Pipeline
+from ingest.waiting import TimedOut, poll
 from tests.fixtures.services import ADMIN_DATABASE_URL, AMQP_URL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,28 +85,52 @@ def refused(url: str, action) -> bool:
             connection.close()
 
 
-def test_app_user_declares_the_topology_and_consumes(broker_users):
-    pipeline, urls = broker_users
-
+def declare_as(url: str, pipeline: Pipeline) -> None:
+    """Declare the topology as bootstrap and every consumer do."""
     async def declare() -> None:
-        connection = await aio_pika.connect(urls["app"])
+        connection = await aio_pika.connect(url)
         async with connection:
             await declare_topology(connection, [pipeline])
 
-    asyncio.run(declare())  # as bootstrap and every consumer do
+    asyncio.run(declare())
+
+
+def received(channel, queue: str, body: bytes) -> bool:
+    """Whether `body` comes out of `queue` (what comes before it is taken too) within seconds."""
+    def get():
+        method, _, found = channel.basic_get(queue, auto_ack=True)
+        return found if method else None
+
+    try:
+        poll(get, until=lambda found: found == body, timeout=10, interval=0.1, what=queue)
+    except TimedOut:
+        return False
+    return True
+
+
+def test_app_user_declares_the_topology_and_consumes(broker_users):
+    pipeline, urls = broker_users
+    declare_as(urls["app"], pipeline)
+    record = BODY.replace(b'"id": "1"', f'"id": "{uuid.uuid4().hex}"'.encode())
+    publisher = pika.BlockingConnection(pika.URLParameters(AMQP_URL))  # a producer's record...
+    channel = publisher.channel()
+    channel.confirm_delivery()
+    channel.basic_publish("ingest", pipeline.name, record, mandatory=True)
+    publisher.close()
     connection = pika.BlockingConnection(pika.URLParameters(urls["app"]))
     channel = connection.channel()
     channel.confirm_delivery()
-    channel.basic_get(pipeline.queue)
-    channel.basic_get(pipeline.dlq)
-    # Dead letters, as consumers/deadletter.py publishes them.
-    channel.basic_publish("ingest.dlx", pipeline.name, BODY, mandatory=True)
+    assert received(channel, pipeline.queue, record)  # ...reaches the app through the declared queue
+    # Dead letters, as consumers/deadletter.py publishes them, reach the declared DLQ.
+    letter = record.replace(b'"type": "t"', b'"type": "dead"')
+    channel.basic_publish("ingest.dlx", pipeline.name, letter, mandatory=True)
+    assert received(channel, pipeline.dlq, letter)
     connection.close()
 
 
 def test_producer_publishes_to_the_ingest_exchange_only(broker_users):
     pipeline, urls = broker_users
-    test_app_user_declares_the_topology_and_consumes(broker_users)  # the queue must exist
+    declare_as(urls["app"], pipeline)  # the queue must exist
 
     async def publish() -> None:
         async with Publisher(urls["producer"], retries=0) as publisher:  # `ingest publish`'s publisher

@@ -44,12 +44,12 @@ def accept(source: str, record_id: str, minutes: int, version: str) -> Accepted:
     return Accepted(message_key(body, None), decode(body), body)
 
 
-def write(url: str, pipeline: str, accepted: list[Accepted]) -> None:
-    async def run() -> None:
+def write(url: str, pipeline: str, accepted: list[Accepted]) -> inbox.Written:
+    async def run() -> inbox.Written:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as aconn:
-            await inbox.write_batch(aconn, pipeline, uuid.uuid4(), accepted, lease_seconds=60)
+            return await inbox.write_batch(aconn, pipeline, uuid.uuid4(), accepted, lease_seconds=60)
 
-    asyncio.run(run())
+    return asyncio.run(run())
 
 
 def loaded(conn, pipeline: str, accepted: list[Accepted]) -> list[InboxRecord]:
@@ -99,3 +99,19 @@ def test_redelivered_batch_is_not_kept(conn, ingest_database):
     assert conn.execute("SELECT count(*) FROM inbox WHERE pipeline = %s", (pipeline,)).fetchone()[0] == 5
     assert conn.execute("SELECT count(*), sum(record_count) FROM batches WHERE pipeline = %s",
                         (pipeline,)).fetchone() == (1, 5)
+
+
+def test_a_key_stored_with_another_body_is_a_conflict_and_the_same_json_is_not(conn, ingest_database):
+    pipeline, source = f"p{uuid.uuid4().hex[:6]}", "store"
+    stored = accept(source, "c", 1, "stored")
+    same = Accepted(stored.message_key, stored.record, orjson.dumps(orjson.loads(stored.body), option=orjson.OPT_INDENT_2))
+    other = accept(source, "c", 2, "other")
+    other = Accepted(stored.message_key, other.record, other.body)  # the same message id, another body
+    fresh = accept(source, "d", 1, "fresh")
+    assert write(ingest_database, pipeline, [stored]) == inbox.Written(1, {})
+
+    written = write(ingest_database, pipeline, [same, fresh, other])
+
+    assert written == inbox.Written(1, {2: stored.body_sha256.hex()})
+    assert conn.execute("SELECT body->'data'->>'v' FROM inbox WHERE pipeline = %s AND message_key = %s",
+                        (pipeline, stored.message_key)).fetchone() == ("stored",)

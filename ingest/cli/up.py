@@ -15,7 +15,8 @@ from pathlib import Path
 import typer
 
 from ingest.cli import bootstrap
-from ingest.cli.common import PipelineOption, chosen_pipelines, setup_logging
+from ingest.cli.common import PipelineOption, chosen_pipelines, fail, setup_logging
+from ingest.cli.ports import port_holder, port_taken
 from ingest.cli.health import wait_for_prefect
 from ingest.pipelines import Pipeline
 from ingest.settings import PROJECT_ROOT, Settings, get_settings
@@ -74,6 +75,13 @@ def stack_environment(settings: Settings) -> dict[str, str]:
 
 def run_stack(settings: Settings, pipelines: list[Pipeline]) -> int:
     """Bootstrap, start supervisord, register deployments once Prefect answers; return its exit code."""
+    # Our Prefect server could not bind a port already taken and would stop, while the worker
+    # and consumers went on with whatever answers there (another stack's server): refuse.
+    if port_taken(settings.prefect_bind_host, settings.prefect_port):
+        holder = port_holder(settings.prefect_port) or "a process this user cannot see"
+        raise fail(f"port {settings.prefect_port} of INGEST_PREFECT_API_URL ({settings.prefect_api_url}) is "
+                   f"already in use on this host, by {holder}: the Prefect server cannot listen there. Stop that "
+                   "process, or set INGEST_PREFECT_API_URL to a free port")
     bootstrap.prepare_storage(settings, pipelines)
     bootstrap.declare_queues(settings, pipelines)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
