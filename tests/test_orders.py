@@ -153,3 +153,34 @@ def test_a_runs_task_runs_are_the_pipelines_dag_per_chunk(stack):
             step, chunk = t.name.split(" [chunk ")
             waited = {names[i.id] for i in t.task_inputs.get("wait_for", [])}
             assert waited == {f"{u} [chunk {chunk}" for u in upstream[step]}, (t.name, waited)
+
+
+def test_with_record_granularity_each_record_is_a_task_run_through_its_steps(stack):
+    pipeline = stack.pipeline("ordersrec")
+    source = f"rec{uuid.uuid4().hex[:6]}"
+    stack.publish(pipeline.name, [
+        envelope(source, "created", "order.created", 1, order_data(1, "created", source)),
+        envelope(source, "paid", "order.paid", 2, order_data(1, "paid", source)),
+        envelope(source, "refused", "order.created", 1, {**order_data(2, "created", source), "currency": "XYZ"}),
+        envelope(source, "test", "order.created", 1, {**order_data(3, "created", source), "test": True}),
+        envelope(source, "kept", "order.created", 1, order_data(4, "created", source)),
+        envelope(source, "deleted", "order.deleted", 5, {"order_id": f"{source}-A4"}),
+    ])
+    statuses = wait_for(lambda: (rows := dict(stack.query(
+        "SELECT record_id, status FROM inbox WHERE pipeline = %s AND source = %s AND status <> 'pending'",
+        (pipeline.name, source)))) and len(rows) == 6 and rows, 180, "the records settled", stack)
+    assert statuses == {"created": "done", "paid": "done", "refused": "failed", "test": "skipped", "kept": "done",
+                        "deleted": "done"}
+    rows = {order_id: (status, deleted) for order_id, status, deleted in stack.query(
+        "SELECT order_id, status, deleted_at IS NOT NULL FROM orders_record_test WHERE order_id LIKE %s",
+        (f"{source}-%",))}
+    assert rows[f"{source}-A1"] == ("paid", False)
+    assert rows[f"{source}-A4"][1] is True and f"{source}-A2" not in rows and f"{source}-A3" not in rows
+    # One task run per record, named source/id; the refused one failed with its step's reason.
+    run_ids = {r[0] for r in stack.query("SELECT DISTINCT flow_run_id FROM inbox WHERE pipeline = %s AND source = %s",
+                                         (pipeline.name, source))}
+    names = wait_for(lambda: (found := {t.name: t for r in run_ids for t in stack.task_runs(r)})
+                     and len(found) == 6 and found, 60, "the task runs named after their records", stack)
+    assert set(names) == {f"{source}/{m}" for m in statuses}
+    assert names[f"{source}/refused"].state.is_failed()
+    assert "rejected by step order: currency 'XYZ'" in names[f"{source}/refused"].state.message
