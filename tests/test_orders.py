@@ -21,7 +21,7 @@ import orjson
 from tests.fixtures.stack import Outgoing, wait_for
 
 T0 = datetime(2024, 5, 1, 9, tzinfo=timezone.utc)
-ORDERS, DELETED, REFUSED, SKIPPED, MALFORMED, LOOKUP_FAILS = 600, 100, 100, 100, 50, 20
+ORDERS, DELETED, REFUSED, SKIPPED, MALFORMED, LOOKUP_FAILS = 725, 100, 100, 100, 50, 20  # 2,000 messages
 CURRENCIES = ["EUR", "USD", "GBP", "CHF"]
 EUR_PER = {"EUR": Decimal("1"), "USD": Decimal("0.92"), "GBP": Decimal("1.17"), "CHF": Decimal("1.05")}
 
