@@ -103,9 +103,11 @@ def assign_batches(
                    VALUES (%s, %s, %s, %s, 'infinity')""",
                 (batch_id, pipeline, len(chunk), origin),
             )
-            # 'pending' again, so the ingest flow processes done records too (mode all).
+            # 'pending' again, so the ingest flow processes done records too (mode all);
+            # pending since now, so that monitoring does not take them for stuck.
             conn.execute(
-                "UPDATE inbox SET batch_id = %s, status = 'pending' WHERE pipeline = %s AND message_key = ANY(%s)",
+                """UPDATE inbox SET batch_id = %s, status = 'pending', requeued_at = now()
+                   WHERE pipeline = %s AND message_key = ANY(%s)""",
                 (batch_id, pipeline, chunk),
             )
             batch_ids.append(batch_id)
