@@ -5,9 +5,11 @@ transactions; everything else stays; a backfill reaching past it says so."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import httpx
+import orjson
 import psycopg
 
 from ingest.retention import purge
@@ -108,3 +110,22 @@ def test_maintenance_deployment_scheduled_and_runs_on_the_stack(stack):
     assert state["type"] == "COMPLETED", state
     assert "deleted 3 inbox record(s) and 1 batch(es)" in state["message"]
     assert stack.scalar("SELECT count(*) FROM batches WHERE batch_id = %s", (old,)) == 0
+
+
+def test_backfill_past_retention_says_records_may_be_gone(stack):
+    pipeline = stack.pipeline("backfill")
+    result = stack.ingest("backfill", "-p", pipeline.name, "--start", "2020-01-01", "--end", "2020-01-02", "--dry-run")
+    assert "records that arrived more than 30 days ago" in result.stderr.decode()
+    assert "may have been deleted from the inbox" in result.stderr.decode()
+    recent = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    result = stack.ingest("backfill", "-p", pipeline.name, "--start", recent, "--dry-run")
+    assert "may have been deleted" not in result.stderr.decode()
+
+
+def test_status_shows_the_inbox_size(stack):
+    pipeline = stack.pipeline("main")
+    status = orjson.loads(stack.ingest("status", "--json", "-p", pipeline.name).stdout)["pipelines"][pipeline.name]
+    inbox = status["inbox"]
+    assert inbox["rows"] == sum(inbox[s] for s in ("pending", "done", "failed", "skipped"))
+    assert inbox["table_bytes"] == stack.scalar("SELECT pg_total_relation_size('inbox')")
+    assert "rows (table:" in stack.ingest("status", "-p", pipeline.name).stdout.decode()
