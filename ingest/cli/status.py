@@ -79,7 +79,10 @@ async def _unacked(management_url: str, amqp_url: str, queue: str) -> int | None
 async def _dlq_reasons(connection: aio_pika.abc.AbstractConnection, pipeline: Pipeline) -> dict:
     """Browse the DLQ without removing anything: fetch unacked, count, close the channel.
 
-    Closing the channel returns every fetched message to the queue.
+    Closing the channel returns every fetched message to the queue. basic.get fetches one
+    message per request, so the broker pushes nothing ahead (there is no prefetch to
+    bound), and each message is dropped once its reason is counted: status holds one body
+    at a time, whatever the DLQ's size (tests/test_status_dlq.py).
     """
     from consumers.deadletter import dead_letter_reason
 
