@@ -8,7 +8,7 @@ runs again), while a new backfill of the same window reprocesses.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, runtime
@@ -20,7 +20,7 @@ from ingest.pipelines import BACKFILL_FLOW, load_pipeline
 from ingest.settings import get_settings
 from ingest.times import as_utc
 from ingest.waiting import poll
-from ingest.windows import Mode, TimeField, Window, assign_batches, previous_day
+from ingest.windows import Mode, TimeField, Window, assign_batches, previous_day, retention_note
 
 POLL_SECONDS = 2.0
 
@@ -58,7 +58,8 @@ def backfill(
         batch_ids = assign_batches(conn, pipeline, origin, window, mode, config.stuck_after_seconds,
                                    config.batch.max_records)
     if not batch_ids:
-        return Completed(message=f"nothing to reprocess in {window} (mode {mode})")
+        note = retention_note(window, config.inbox_retention_days, datetime.now(timezone.utc))
+        return Completed(message=note or f"nothing to reprocess in {window} (mode {mode})")
     logger.info("backfill of %s, %s, mode %s: %d batch(es)", pipeline, window, mode, len(batch_ids))
     limit = concurrency or config.backfill_concurrency
 

@@ -33,45 +33,55 @@ async def ensure_work_pool(name: str) -> bool:
             return True
 
 
-async def apply_deployments(pipelines: list[Pipeline], work_pool: str, config_file: Path) -> list[str]:
-    """Create or update, per pipeline, `ingest/<pipeline>` and the scheduled `backfill/<pipeline>`.
+# Daily, at an hour away from the backfills' default (03:00 UTC).
+MAINTENANCE_CRON = "30 4 * * *"
 
-    Both carry a version derived from the code (the pipeline's config, its steps' and row's
+
+async def apply_deployments(pipelines: list[Pipeline], work_pool: str, config_file: Path) -> list[str]:
+    """Create or update, per pipeline, `ingest/<pipeline>`, the scheduled `backfill/<pipeline>`
+    and the daily `maintenance/<pipeline>` (inbox retention).
+
+    All carry a version derived from the code (the pipeline's config, its steps' and row's
     modules), so the UI shows which code processed a run.
     """
     from flows.backfill import backfill
     from flows.ingest import ingest
+    from flows.maintenance import maintenance
 
     # The process worker runs this instead of `python -m prefect.engine` (flows/forkserver.py).
     job_variables = {"command": "ingest-flow-run"}
     names = []
     for pipeline in pipelines:
-        tags = ["ingest", f"pipeline:{pipeline.name}"]
-        code = version(load_program(pipeline, config_file))
+        common = {
+            "name": pipeline.name,
+            "tags": ["ingest", f"pipeline:{pipeline.name}"],
+            # A module path, not a file path: the worker imports the installed package.
+            "entrypoint_type": EntrypointType.MODULE_PATH,
+            "job_variables": job_variables,
+            "version": version(load_program(pipeline, config_file)),
+        }
         deployments = [
             await ingest.ato_deployment(
-                name=pipeline.name,
                 parameters={"pipeline": pipeline.name},
                 description=f"Processes batches of pipeline {pipeline.name!r} (created by its consumers).",
-                tags=tags,
-                # A module path, not a file path: the worker imports the installed package.
-                entrypoint_type=EntrypointType.MODULE_PATH,
-                job_variables=job_variables,
-                version=code,
+                **common,
             ),
             await backfill.ato_deployment(
-                name=pipeline.name,
                 parameters={"pipeline": pipeline.name, "mode": pipeline.backfill_mode},
                 schedule=Cron(pipeline.backfill_cron, timezone="UTC") if pipeline.backfill_cron else None,
                 description=f"Reprocesses a window of pipeline {pipeline.name!r}; by default the previous "
                 f"UTC day, mode {pipeline.backfill_mode!r}.",
-                tags=tags,
-                entrypoint_type=EntrypointType.MODULE_PATH,
-                job_variables=job_variables,
-                version=code,
+                **common,
+            ),
+            await maintenance.ato_deployment(
+                parameters={"pipeline": pipeline.name},
+                schedule=Cron(MAINTENANCE_CRON, timezone="UTC"),
+                description=f"Deletes pipeline {pipeline.name!r}'s settled inbox records older than "
+                f"{pipeline.inbox_retention_days} days, and the batches left empty.",
+                **common,
             ),
         ]
         for deployment in deployments:
             await deployment.aapply(work_pool_name=work_pool)
-        names += [pipeline.deployment, pipeline.backfill_deployment]
+        names += [pipeline.deployment, pipeline.backfill_deployment, pipeline.maintenance_deployment]
     return names

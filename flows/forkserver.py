@@ -137,6 +137,7 @@ def serve(path: str) -> None:
 
     import flows.backfill  # noqa: F401
     import flows.ingest  # noqa: F401
+    import flows.maintenance  # noqa: F401
 
     if threading.active_count() != 1:  # forking a process with threads could copy a held lock
         raise SystemExit(f"fork server: {threading.active_count()} threads after imports; refusing to fork")

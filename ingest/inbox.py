@@ -56,10 +56,15 @@ class InboxRecord:
         return f"{self.source}/{self.id}"
 
 
-# A record still pending `%(stuck)s` seconds after it arrived: its batch never got a run,
-# or its run crashed or was lost. `ingest status` counts them; a backfill in mode
-# `failed` takes them.
-STUCK = "status = 'pending' AND received_at < now() - make_interval(secs => %(stuck)s)"
+# Since when a record is pending: its arrival, or the backfill that set it pending again
+# (ingest/windows.py); what counts as old for monitoring and `stuck`. The expression of
+# the index inbox_pending_since, which these queries use.
+PENDING_SINCE = "coalesce(requeued_at, received_at)"
+
+# A record still pending `%(stuck)s` seconds after it arrived (or was requeued): its batch
+# never got a run, or its run crashed or was lost. `ingest status` counts them; a
+# backfill in mode `failed` takes them.
+STUCK = f"status = 'pending' AND {PENDING_SINCE} < now() - make_interval(secs => %(stuck)s)"
 
 
 _INSERT_BATCH = """
@@ -178,9 +183,9 @@ async def backlog(conn: psycopg.AsyncConnection, pipelines: list[str]) -> dict[s
     """Per pipeline: batches without a flow run yet, and the age in seconds of the oldest
     record not processed yet (0 if none); for all consumers together."""
     rows = await (await conn.execute(
-        """SELECT p,
+        f"""SELECT p,
                   (SELECT count(*) FROM batches WHERE status = 'pending' AND pipeline = p),
-                  coalesce((SELECT extract(epoch FROM now() - min(received_at)) FROM inbox
+                  coalesce((SELECT extract(epoch FROM now() - min({PENDING_SINCE})) FROM inbox
                             WHERE status = 'pending' AND pipeline = p), 0)
            FROM unnest(%s::text[]) AS p""",
         (pipelines,))).fetchall()

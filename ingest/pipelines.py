@@ -19,6 +19,7 @@ EXCHANGE = "ingest"
 DEAD_LETTER_EXCHANGE = "ingest.dlx"
 INGEST_FLOW = "ingest"
 BACKFILL_FLOW = "backfill"
+MAINTENANCE_FLOW = "maintenance"
 
 
 class _Strict(BaseModel):
@@ -86,6 +87,11 @@ class Pipeline(_Strict):
     stuck_after_seconds: float = Field(
         3600, gt=0, description="A record still pending this long after it arrived counts as stuck."
     )
+    # The inbox holds a full copy of every message: without a bound it grows forever.
+    inbox_retention_days: int = Field(
+        30, ge=1, description="Settled (done or skipped) inbox records older than this are deleted daily, "
+        "with the batches left empty; a backfill can reprocess only what is still there.",
+    )
     batch: Batching = Batching()
     enrich: Enrichment | None = None
     steps: tuple[str, ...] | None = Field(
@@ -126,6 +132,10 @@ class Pipeline(_Strict):
     @property
     def backfill_deployment(self) -> str:
         return f"{BACKFILL_FLOW}/{self.name}"
+
+    @property
+    def maintenance_deployment(self) -> str:
+        return f"{MAINTENANCE_FLOW}/{self.name}"
 
     @property
     def prefetch(self) -> int:

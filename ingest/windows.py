@@ -40,6 +40,17 @@ class Window:
         return f"[{self.start.isoformat()}, {self.end.isoformat()}) by {self.by}_at"
 
 
+def retention_note(window: Window, retention_days: int, now: datetime) -> str | None:
+    """What to tell whoever backfills a window reaching past the inbox's retention
+    (ingest/retention.py): its older records may be gone, so "nothing to do" would mislead."""
+    horizon = now - timedelta(days=retention_days)
+    if window.start >= horizon:
+        return None
+    return (f"records that arrived more than {retention_days} days ago (before {horizon:%Y-%m-%d %H:%M} UTC, "
+            f"inbox_retention_days) may have been deleted from the inbox once processed: "
+            f"a backfill of {window} cannot reprocess those")
+
+
 def previous_day(now: datetime) -> tuple[datetime, datetime]:
     """The UTC day before `now`: the default window of a scheduled backfill."""
     today = now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -103,9 +114,11 @@ def assign_batches(
                    VALUES (%s, %s, %s, %s, 'infinity')""",
                 (batch_id, pipeline, len(chunk), origin),
             )
-            # 'pending' again, so the ingest flow processes done records too (mode all).
+            # 'pending' again, so the ingest flow processes done records too (mode all);
+            # pending since now, so that monitoring does not take them for stuck.
             conn.execute(
-                "UPDATE inbox SET batch_id = %s, status = 'pending' WHERE pipeline = %s AND message_key = ANY(%s)",
+                """UPDATE inbox SET batch_id = %s, status = 'pending', requeued_at = now()
+                   WHERE pipeline = %s AND message_key = ANY(%s)""",
                 (batch_id, pipeline, chunk),
             )
             batch_ids.append(batch_id)

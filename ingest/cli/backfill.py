@@ -34,7 +34,7 @@ def backfill(
     The run shows in the Prefect UI with its parameters. It regroups the records into
     batches and creates ingest runs for them; retrying it creates nothing new.
     """
-    from ingest.windows import Window, previous_day
+    from ingest.windows import Window, previous_day, retention_note
 
     if mode not in ("failed", "all") or by not in ("occurred", "received"):
         raise fail("--mode is `failed` or `all`; --by is `occurred` or `received`", 2)
@@ -45,6 +45,9 @@ def backfill(
     except ValueError as exc:
         raise fail(str(exc), 2)
     settings = get_settings()
+    note = retention_note(window, config.inbox_retention_days, datetime.now(timezone.utc))
+    if note:
+        typer.echo(f"warning: {note}", err=True)
     if dry_run:
         _dry_run(settings, config, window, mode)
         return

@@ -35,7 +35,7 @@ def bootstrap(
     Idempotent: running it again changes nothing. Sink tables follow their row models:
     new optional fields add columns; a changed type or key, or a new required field, is refused.
     """
-    from ingest.db import DatabaseUnavailable
+    from ingest.db import DatabaseUnavailable, MigrationError
     from ingest.sinks import SinkSchemaError
 
     if skip_prefect and prefect_only:
@@ -54,7 +54,7 @@ def bootstrap(
         if not skip_prefect:
             wait_for_prefect(settings, wait or 5)
             register_deployments(settings, pipelines)
-    except (DatabaseUnavailable, SinkSchemaError, TimeoutError, OSError) as exc:
+    except (DatabaseUnavailable, MigrationError, SinkSchemaError, TimeoutError, OSError) as exc:
         raise fail(str(exc))
     except Exception as exc:  # e.g. a queue declared with other arguments
         raise fail(f"{type(exc).__name__}: {exc}")

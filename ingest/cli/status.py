@@ -5,7 +5,9 @@ The JSON shape is a stable monitoring interface:
                            "dlq": {"ready", "reasons": {reason: count},
                                    "reasons_sampled" (only when the DLQ holds more than 10,000
                                    messages: the reasons count its first 10,000)},
-                           "inbox": {"pending", "done", "failed", "skipped", "stuck"},
+                           "inbox": {"pending", "done", "failed", "skipped", "stuck", "rows" (this
+                                     pipeline's), "table_bytes" (pg_total_relation_size of the
+                                     whole inbox table, all pipelines)},
                            "batches": {"pending", "submitted", "stale"},
                            "runs": {state: count} | {"error": str},
                            "sink": {"table", "records"}}}}
@@ -77,7 +79,10 @@ async def _unacked(management_url: str, amqp_url: str, queue: str) -> int | None
 async def _dlq_reasons(connection: aio_pika.abc.AbstractConnection, pipeline: Pipeline) -> dict:
     """Browse the DLQ without removing anything: fetch unacked, count, close the channel.
 
-    Closing the channel returns every fetched message to the queue.
+    Closing the channel returns every fetched message to the queue. basic.get fetches one
+    message per request, so the broker pushes nothing ahead (there is no prefetch to
+    bound), and each message is dropped once its reason is counted: status holds one body
+    at a time, whatever the DLQ's size (tests/test_status_dlq.py).
     """
     from consumers.deadletter import dead_letter_reason
 
@@ -111,6 +116,10 @@ def _database_counts(url: str, pipeline: Pipeline) -> dict:
         inbox.update(conn.execute(
             "SELECT status, count(*) FROM inbox WHERE pipeline = %s GROUP BY status", (pipeline.name,)
         ).fetchall())
+        inbox["rows"] = sum(inbox.values())
+        # The whole table (all pipelines share it), indexes and TOAST included: what
+        # inbox_retention_days bounds.
+        inbox["table_bytes"] = conn.execute("SELECT pg_total_relation_size('inbox')").fetchone()[0]
         batches = dict.fromkeys(("pending", "submitted"), 0)
         batches.update(conn.execute(
             "SELECT status, count(*) FROM batches WHERE pipeline = %s GROUP BY status", (pipeline.name,)
@@ -187,7 +196,8 @@ def render(snapshot: dict) -> str:
             f"pipeline {name}",
             f"  queue    ready {q['ready']}, unacked {unacked}, consumers {q['consumers']}",
             f"  dlq      ready {dlq['ready']} ({reasons})",
-            "  inbox    " + ", ".join(f"{s} {n}" for s, n in p["inbox"].items()),
+            "  inbox    " + ", ".join(f"{s} {n}" for s, n in p["inbox"].items() if s not in ("rows", "table_bytes"))
+            + f"; {p['inbox']['rows']} rows (table: {p['inbox']['table_bytes'] / 2**20:.1f} MiB, all pipelines)",
             "  batches  " + ", ".join(f"{s} {n}" for s, n in p["batches"].items()),
             f"  runs     {runs}",
             f"  sink     {p['sink']['table']}: {p['sink']['records']} records",
