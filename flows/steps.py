@@ -28,7 +28,8 @@ from flows.recording import submit_within_window
 from ingest import db, sinks
 from ingest.inbox import InboxRecord
 from ingest.settings import get_settings
-from ingest.steps import Program, Reject, Rejected, Skipped, run_dag, run_step, settle
+from ingest.running import Rejected, Skipped, run_dag, run_step, settle
+from ingest.steps import Program, Reject
 
 
 def retry_unless_rejected(task, task_run, state) -> bool:

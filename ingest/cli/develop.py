@@ -40,7 +40,8 @@ def try_(
 
     from ingest.contract import InvalidMessage, decode, message_key
     from ingest.inbox import InboxRecord
-    from ingest.steps import Rejected, load_program, run_dag, settle
+    from ingest.running import Rejected, run_dag, settle
+    from ingest.steps import load_program
 
     (config,) = chosen_pipelines([pipeline], check_steps=True)
     if not file.exists():

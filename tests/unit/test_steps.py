@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from ingest.pipelines import PipelineConfigError
-from ingest.steps import Rejected, Skipped, StepError, load_dag, run_dag, step
+from ingest.running import Rejected, Skipped, run_dag
+from ingest.steps import StepError, load_dag, step
 
 
 @pytest.fixture
