@@ -15,7 +15,6 @@ at the end, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import sys

@@ -29,7 +29,7 @@ class _Transient(Exception):
 
 def _client(url: str, timeout_seconds: float) -> httpx.Client:
     # One pooled client per service, shared by a step's threads.
-    base = httpx.URL(url).copy_with(path="/", query=None).__str__()
+    base = str(httpx.URL(url).copy_with(path="/", query=None))
     with _lock:
         if (base, timeout_seconds) not in _clients:
             _clients[(base, timeout_seconds)] = httpx.Client(timeout=timeout_seconds)
