@@ -1,5 +1,11 @@
 # Quick start: `make run` (set up, bootstrap, run the stack) and `make test`.
-PYTHON ?= python3.11
+# Python 3.13: `python3.13` on PATH, or a pyenv-installed 3.13 (whose `python3.13` shim
+# refuses to run until a version is selected). Override with `make PYTHON=/path/to/python3.13`.
+ifndef PYTHON
+PYTHON := $(shell for candidate in python3.13 $$(pyenv root 2>/dev/null)/versions/3.13*/bin/python3.13; do \
+  "$$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 13)' >/dev/null 2>&1 && { echo "$$candidate"; break; }; \
+done)
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -7,7 +13,8 @@ BIN := $(VENV)/bin
 
 # The venv is rebuilt when the pins change; requirements*.lock pin the whole tree.
 $(BIN)/ingest: pyproject.toml requirements.lock requirements-test.lock
-	$(PYTHON) -m venv $(VENV)
+	@[ -n "$(PYTHON)" ] || { echo "Python 3.13 not found: install it (python3.13 on PATH) or run make PYTHON=/path/to/python3.13" >&2; exit 1; }
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock -r requirements-test.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
