@@ -13,11 +13,14 @@ import sys
 
 import aio_pika
 import psycopg
+from psycopg import sql
 
 from ingest.contract import InvalidMessage, decode
 
+TABLE = """CREATE TABLE IF NOT EXISTS {table} (source text, id text, type text, occurred_at timestamptz,
+           data jsonb, ingested_at timestamptz DEFAULT now(), PRIMARY KEY (source, id))"""
 UPSERT = """
-INSERT INTO bare_sink AS r (source, id, type, occurred_at, data)
+INSERT INTO {table} AS r (source, id, type, occurred_at, data)
 SELECT DISTINCT ON (s, i) s, i, t, o, d::jsonb
 FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[]) AS u(s, i, t, o, d)
 ORDER BY s, i, o DESC
@@ -27,10 +30,18 @@ WHERE r.occurred_at <= EXCLUDED.occurred_at
 BATCH, LINGER = 500, 0.2
 
 
+def table_statement(table: str) -> sql.Composed:
+    return sql.SQL(TABLE).format(table=sql.Identifier(table))
+
+
+def upsert_statement(table: str) -> sql.Composed:
+    """The newest-wins upsert of a batch of records into `table` (bench/peers.py uses it too)."""
+    return sql.SQL(UPSERT).format(table=sql.Identifier(table))
+
+
 async def main(amqp_url: str, database_url: str, queue_name: str) -> None:
     db = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
-    await db.execute("""CREATE TABLE IF NOT EXISTS bare_sink (source text, id text, type text, occurred_at timestamptz,
-                        data jsonb, ingested_at timestamptz DEFAULT now(), PRIMARY KEY (source, id))""")
+    await db.execute(table_statement("bare_sink"))
     connection = await aio_pika.connect_robust(amqp_url)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=2 * BATCH)
@@ -54,7 +65,7 @@ async def main(amqp_url: str, database_url: str, queue_name: str) -> None:
             pass
         if not messages:
             continue
-        await db.execute(UPSERT, ([r.source for r in records], [r.id for r in records], [r.type for r in records],
+        await db.execute(upsert_statement("bare_sink"), ([r.source for r in records], [r.id for r in records], [r.type for r in records],
                                   [r.occurred_at for r in records], [m.body.decode() for m in messages]))
         for message in messages:
             await message.ack()
