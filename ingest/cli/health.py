@@ -103,7 +103,7 @@ def work_pool_health(settings: Settings, timeout: float = 5) -> str | None:
 
     status = _prefect_status(settings, f"/work_pools/{quote(settings.work_pool, safe='')}", timeout)
     if status == 404:
-        return f"work pool {settings.work_pool!r} does not exist yet (`ingest up` creates it on a host with role server)"
+        return f"work pool {settings.work_pool!r} not found (HTTP 404; `ingest up` creates it on a host with role server)"
     return None if status == 200 else f"reading work pool {settings.work_pool!r} answered HTTP {status}"
 
 
@@ -124,9 +124,10 @@ def checks_for(roles: frozenset[str]) -> list[str]:
 
 def _answer(name: str, settings: Settings, timeout: float) -> str | None:
     try:
-        return CHECKS[name][0](settings, timeout)
+        error = CHECKS[name][0](settings, timeout)
     except Exception as exc:  # unreachable, refused, bad credentials: all mean unhealthy
-        return f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}"
+    return None if error is None else " ".join(error.split())  # one line (libpq's errors have several)
 
 
 def _timed(name: str, settings: Settings, timeout: float) -> tuple[str, str | None, float]:
