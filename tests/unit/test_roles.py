@@ -13,7 +13,7 @@ from ingest.cli.bootstrap import before_programs, once_programs_run
 from ingest.cli.health import checks_for
 from ingest.cli.up import program_processes, stack_environment
 from ingest.settings import ROLES, Settings
-from tests.fixtures.stack import INGEST
+from tests.fixtures.stack import INGEST, free_port
 
 EVERY_SUBSET = [frozenset(c) for n in (1, 2, 3) for c in combinations(ROLES, n)]
 
@@ -46,8 +46,14 @@ def test_roles_default_to_all(monkeypatch):
     ("all,server", "'all'"),
     ("server;worker", "'server;worker'"),
 ])
-def test_anything_else_is_refused_at_start_naming_it_and_the_allowed_roles(value, bad):
-    env = {**os.environ, "INGEST_ROLES": value}
+def test_anything_else_is_refused_at_start_naming_it_and_the_allowed_roles(value, bad, tmp_path):
+    # Were the value accepted, `ingest up` would stop at its first step, on a database that is not there.
+    nowhere = free_port()
+    env = {**os.environ, "INGEST_ROLES": value, "INGEST_RUN_DIR": str(tmp_path),
+           "INGEST_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{nowhere}/ingest",
+           "INGEST_PREFECT_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{nowhere}/prefect",
+           "INGEST_AMQP_URL": f"amqp://nobody@127.0.0.1:{nowhere}/",
+           "INGEST_PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
     for command in (["up"], ["health"]):
         result = subprocess.run([INGEST, *command], env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stdout + result.stderr
