@@ -8,7 +8,8 @@
   migrated anything; neither is given a Prefect database it could reach, nor the worker a broker.
 
 They are started the way a deployment starts containers, the server last: the worker waits
-for the API and its work pool, the consumer for the migrated database.
+for the API and its work pool, the consumer for the migrated database. Their API URL's port
+is nginx's, taken on this machine: `ingest up` refuses a taken port for role server only.
 """
 
 from __future__ import annotations
