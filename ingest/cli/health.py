@@ -56,7 +56,7 @@ def _rabbitmq(settings: Settings, timeout: float) -> str | None:
     return None
 
 
-def storage_health(settings: Settings, timeout: float = 5) -> str | None:
+def _ingest_database(settings: Settings, timeout: float) -> str | None:
     """The ingest database answers and has every migration of this code (the server role applies them)."""
     import psycopg
 
@@ -91,13 +91,13 @@ def _prefect_status(settings: Settings, path: str, timeout: float) -> int:
     return httpx.get(settings.prefect_api_url.rstrip("/") + path, timeout=timeout, auth=auth, verify=verify).status_code
 
 
-def prefect_health(settings: Settings, timeout: float = 5) -> str | None:
+def _prefect_api(settings: Settings, timeout: float) -> str | None:
     """The Prefect API answers its health check."""
     status = _prefect_status(settings, "/health", timeout)
     return None if status == 200 else f"health check answered HTTP {status}"
 
 
-def work_pool_health(settings: Settings, timeout: float = 5) -> str | None:
+def _work_pool(settings: Settings, timeout: float) -> str | None:
     """The work pool the worker polls exists (the server role's `ingest up` creates it)."""
     from urllib.parse import quote
 
@@ -110,10 +110,10 @@ def work_pool_health(settings: Settings, timeout: float = 5) -> str | None:
 # Each check and the roles that need it, in the order they are shown.
 CHECKS: dict[str, tuple[Probe, frozenset[str]]] = {
     "rabbitmq": (_rabbitmq, frozenset({"consumer"})),
-    "postgresql": (storage_health, frozenset({"worker", "consumer"})),
+    "postgresql": (_ingest_database, frozenset({"worker", "consumer"})),
     "prefect-db": (_prefect_database, frozenset({"server"})),
-    "prefect-api": (prefect_health, frozenset(ROLES)),
-    "work-pool": (work_pool_health, frozenset({"worker"})),
+    "prefect-api": (_prefect_api, frozenset(ROLES)),
+    "work-pool": (_work_pool, frozenset({"worker"})),
 }
 
 
