@@ -8,14 +8,32 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, FilePath, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# What a host may run (INGEST_ROLES): the Prefect server, Prefect workers (with their fork
+# server), consumers. What each role starts, bootstraps and checks: README, "Roles".
+ROLES = ("server", "worker", "consumer")
+
+
+def parse_roles(value: str) -> frozenset[str]:
+    """`server,worker` (spaces allowed, any order) as a set; `all` or nothing: every role."""
+    if value.strip() in ("", "all"):
+        return frozenset(ROLES)
+    names = [name.strip() for name in value.split(",")]
+    unknown = [name for name in names if name not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role(s) {', '.join(map(repr, unknown))} in {value!r}; allowed: a "
+                         f"comma-separated list of {', '.join(ROLES)}, or all")
+    return frozenset(names)
 
 
 class Settings(BaseSettings):
@@ -47,6 +65,15 @@ class Settings(BaseSettings):
         "In a container 0.0.0.0, so that a proxy in another container reaches it while the "
         "processes beside it keep calling 127.0.0.1.",
     )
+    prefect_ca_file: FilePath | None = Field(
+        default_factory=lambda: os.environ.get("PREFECT_API_SSL_CERT_FILE") or None,
+        validate_default=True,
+        description="PEM file of the CA (or the self-signed certificate) that the Prefect API's TLS certificate "
+        "must chain to, e.g. nginx's tls.crt on a host that reaches the API through it; it replaces the public "
+        "CAs for calls to the API. Sets PREFECT_API_SSL_CERT_FILE, which Prefect's clients (HTTP and websockets) "
+        "read; `ingest health` and the waits of `ingest up` use it too. Default: PREFECT_API_SSL_CERT_FILE if "
+        "set, else the public CAs (a certificate from a public CA needs nothing).",
+    )
     prefect_auth_string: SecretStr | None = Field(
         None,
         description="`user:password` the Prefect API requires (PREFECT_SERVER_API_AUTH_STRING for the server) and "
@@ -56,6 +83,12 @@ class Settings(BaseSettings):
     pipelines_file: Path = Field(
         PROJECT_ROOT / "pipelines.toml",
         description="The pipeline config: queues, deployments and schedules are generated from it.",
+    )
+    roles: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset(ROLES),
+        description="What this host runs, a comma-separated list of server (the Prefect server), worker "
+        "(Prefect workers and their fork server) and consumer (the consumers); all (the default): every one. "
+        "`ingest up` starts only their programs and bootstrap steps; `ingest health` checks what they need.",
     )
     work_pool: str = Field("ingest", description="Prefect process work pool the deployments run on.")
     consumers: int = Field(2, ge=1, description="Consumer processes started by `ingest up`.")
@@ -117,6 +150,11 @@ class Settings(BaseSettings):
             raise ValueError("must be a URL like postgresql://user:password@host:5432/database")
         return value
 
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _roles(cls, value: object) -> object:
+        return parse_roles(value) if isinstance(value, str) else value
+
     @property
     def prefect_host(self) -> str:
         return urlsplit(self.prefect_api_url).hostname or "127.0.0.1"
@@ -168,6 +206,7 @@ class Settings(BaseSettings):
             "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
             "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": str(self.prefect_event_history).lower(),
+            **({"PREFECT_API_SSL_CERT_FILE": str(self.prefect_ca_file)} if self.prefect_ca_file else {}),
             **self._prefect_auth_environment(),
         }
 

@@ -2,7 +2,8 @@
 # A self-signed certificate for local use: nginx/make-cert.sh [DIR] [NAME...]
 # Writes DIR/tls.crt and DIR/tls.key (default DIR: nginx/tls, ignored by git), valid for
 # localhost, 127.0.0.1 and the NAMEs given. Production uses a certificate from a real CA
-# in the same two files. Clients trust this one with PREFECT_API_SSL_CERT_FILE=DIR/tls.crt.
+# in the same two files. `ingest` on other hosts trusts this one with
+# INGEST_PREFECT_CA_FILE=DIR/tls.crt (other Prefect clients: PREFECT_API_SSL_CERT_FILE).
 set -eu
 
 dir=${1:-"$(dirname "$0")/tls"}

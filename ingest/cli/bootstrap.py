@@ -1,4 +1,5 @@
-"""`ingest bootstrap`: everything the system needs, created idempotently.
+"""`ingest bootstrap`: everything the system needs, created idempotently; and which part of
+it `ingest up` runs for each role of its host.
 
 Storage and queues need only PostgreSQL and RabbitMQ; the work pool and deployments need
 the Prefect API, so `ingest up` (ingest/cli/up.py) runs them once its server answers.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 
 from ingest.cli.common import chosen_pipelines, fail, setup_logging
-from ingest.cli.health import wait_for_prefect
+from ingest.cli.health import STARTUP_SECONDS, wait_for, wait_for_prefect
 from ingest.pipelines import Pipeline
 from ingest.settings import Settings, get_settings
 
@@ -35,14 +38,11 @@ def bootstrap(
     Idempotent: running it again changes nothing. Sink tables follow their row models:
     new optional fields add columns; a changed type or key, or a new required field, is refused.
     """
-    from ingest.db import DatabaseUnavailable, MigrationError
-    from ingest.sinks import SinkSchemaError
-
     if skip_prefect and prefect_only:
         raise fail("--skip-prefect and --prefect-only exclude each other", 2)
     setup_logging()
     settings, pipelines = get_settings(), chosen_pipelines(check_steps=True)
-    try:
+    with reported():
         if dry_run:
             for line in planned_storage(settings, pipelines):
                 typer.echo(line)
@@ -54,11 +54,44 @@ def bootstrap(
         if not skip_prefect:
             wait_for_prefect(settings, wait or 5)
             register_deployments(settings, pipelines)
+    typer.echo("bootstrap complete")
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """A failed bootstrap step as one error line and exit 1, not a traceback."""
+    from ingest.db import DatabaseUnavailable, MigrationError
+    from ingest.sinks import SinkSchemaError
+
+    try:
+        yield
     except (DatabaseUnavailable, MigrationError, SinkSchemaError, TimeoutError, OSError) as exc:
         raise fail(str(exc))
     except Exception as exc:  # e.g. a queue declared with other arguments
         raise fail(f"{type(exc).__name__}: {exc}")
-    typer.echo("bootstrap complete")
+
+
+Step = Callable[[Settings, list[Pipeline]], None]
+
+
+def before_programs(roles: frozenset[str]) -> list[Step]:
+    """What `ingest up` runs for these roles before supervisord starts their programs, in order.
+
+    Only the server migrates; a consumer waits for the migrated database and declares the
+    queues its consumers read; a worker has nothing to prepare (its program waits for the
+    Prefect API and the work pool).
+    """
+    steps: list[Step] = []
+    if "server" in roles:
+        steps.append(prepare_storage)
+    if "consumer" in roles:
+        steps += [wait_for_storage, declare_queues]
+    return steps
+
+
+def once_programs_run(roles: frozenset[str]) -> list[Step]:
+    """What `ingest up` runs for these roles once supervisord has started their programs."""
+    return [register_with_prefect] if "server" in roles else []
 
 
 def prepare_storage(settings: Settings, pipelines: list[Pipeline]) -> None:
@@ -76,6 +109,14 @@ def prepare_storage(settings: Settings, pipelines: list[Pipeline]) -> None:
             for statement in sinks.ensure(conn, sink):
                 log.info("sink %s of %s: %s", sink.table, pipeline.name, statement.splitlines()[0])
         log.info("sink tables: %s", ", ".join(sorted({p.sink_table for p in pipelines})))
+
+
+def wait_for_storage(settings: Settings, pipelines: list[Pipeline]) -> None:
+    """Wait until the ingest database answers with every migration applied (by a host with role server)."""
+    from ingest.db import redact
+
+    wait_for("postgresql", settings, STARTUP_SECONDS, f"the ingest database {redact(settings.database_url)}")
+    log.info("ingest database migrated")
 
 
 def planned_storage(settings: Settings, pipelines: list[Pipeline]) -> list[str]:
@@ -114,6 +155,12 @@ def declare_queues(settings: Settings, pipelines: list[Pipeline]) -> None:
 
     asyncio.run(declare())
     log.info("topology: exchange ingest, queues %s", ", ".join(f"{p.queue} (+ {p.dlq})" for p in pipelines))
+
+
+def register_with_prefect(settings: Settings, pipelines: list[Pipeline]) -> None:
+    """Once the Prefect server started beside us answers: the work pool and the deployments."""
+    wait_for_prefect(settings, STARTUP_SECONDS)
+    register_deployments(settings, pipelines)
 
 
 def register_deployments(settings: Settings, pipelines: list[Pipeline]) -> None:

@@ -9,12 +9,24 @@ from __future__ import annotations
 import os
 
 import typer
+from pydantic import ValidationError
 
+from ingest.cli.common import fail
 from ingest.settings import get_settings
+
+
+def _prefect_environment() -> dict[str, str]:
+    try:
+        return get_settings().prefect_environment()
+    except ValidationError as exc:  # a bad INGEST_* variable: one line each, before any command runs
+        for error in exc.errors():
+            fail(f"INGEST_{str(error['loc'][0]).upper()}: {error['msg'].removeprefix('Value error, ')}")
+        raise SystemExit(2)
+
 
 # Prefect reads its settings from the environment when first imported: derive them from
 # INGEST_* before anything imports Prefect.
-os.environ.update(get_settings().prefect_environment())
+os.environ.update(_prefect_environment())
 
 from ingest.cli import backfill, bootstrap, develop, dlq, health, publish, runs, status, up  # noqa: E402
 

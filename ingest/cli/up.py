@@ -17,20 +17,28 @@ import typer
 from ingest.cli import bootstrap
 from ingest.cli.common import PipelineOption, chosen_pipelines, fail, setup_logging
 from ingest.cli.ports import port_holder, port_taken
-from ingest.cli.health import wait_for_prefect
+from ingest.cli.health import STARTUP_SECONDS, wait_for, wait_for_prefect
 from ingest.pipelines import Pipeline
-from ingest.settings import PROJECT_ROOT, Settings, get_settings
+from ingest.settings import PROJECT_ROOT, ROLES, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 BIN = Path(sys.executable).parent
-PREFECT_STARTUP_SECONDS = 180
+
+# The program of supervisord.conf each role runs. The same file serves every host: `ingest up`
+# gives the programs of the roles a host does not have no process (numprocs 0).
+PROGRAMS = {"server": "prefect-server", "worker": "prefect-worker", "consumer": "consumer"}
 
 
 def up() -> None:
-    """Bootstrap, then run the Prefect server, the worker and the consumers under supervisord.
+    """Bootstrap, then run this host's programs under supervisord, in the foreground.
 
-    Runs in the foreground; Ctrl-C or SIGTERM stops everything (consumers first).
+    INGEST_ROLES (comma-separated; default all) chooses what the host runs.
+    server: creates the databases, migrates, runs the Prefect server, then
+    registers the work pool and deployments once it answers. worker: Prefect
+    workers (with their fork server); they wait for the API and the work pool.
+    consumer: waits for the migrated database, declares the queues, runs the
+    consumers. Ctrl-C or SIGTERM stops everything (consumers first).
     """
     setup_logging()
     raise typer.Exit(run_stack(get_settings(), chosen_pipelines(check_steps=True)))
@@ -61,29 +69,40 @@ def consumer(pipeline: PipelineOption = None) -> None:
     run(get_settings(), chosen_pipelines(pipeline, check_steps=True))
 
 
+def program_processes(settings: Settings) -> dict[str, int]:
+    """How many processes of each program of supervisord.conf this host runs (0: not its role)."""
+    wanted = {"server": 1, "worker": settings.workers, "consumer": settings.consumers}
+    return {program: wanted[role] if role in settings.roles else 0 for role, program in PROGRAMS.items()}
+
+
 def stack_environment(settings: Settings) -> dict[str, str]:
     """What supervisord.conf expands, plus the Prefect settings every program shares."""
     return {
         **os.environ,
         **settings.prefect_environment(),
-        "INGEST_CONSUMERS": str(settings.consumers),
-        "INGEST_WORKERS": str(settings.workers),
+        # NUMPROCS_PREFECT_SERVER, NUMPROCS_PREFECT_WORKER, NUMPROCS_CONSUMER
+        **{f"NUMPROCS_{program.upper().replace('-', '_')}": str(n) for program, n in program_processes(settings).items()},
         "INGEST_RUN_DIR": str(settings.run_dir),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
 
 def run_stack(settings: Settings, pipelines: list[Pipeline]) -> int:
-    """Bootstrap, start supervisord, register deployments once Prefect answers; return its exit code."""
+    """Bootstrap what the host's roles may, start supervisord, finish the bootstrap once Prefect
+    answers (role server); return supervisord's exit code."""
+    roles = settings.roles
     # Our Prefect server could not bind a port already taken and would stop, while the worker
     # and consumers went on with whatever answers there (another stack's server): refuse.
-    if port_taken(settings.prefect_bind_host, settings.prefect_port):
+    if "server" in roles and port_taken(settings.prefect_bind_host, settings.prefect_port):
         holder = port_holder(settings.prefect_port) or "a process this user cannot see"
         raise fail(f"port {settings.prefect_port} of INGEST_PREFECT_API_URL ({settings.prefect_api_url}) is "
                    f"already in use on this host, by {holder}: the Prefect server cannot listen there. Stop that "
                    "process, or set INGEST_PREFECT_API_URL to a free port")
-    bootstrap.prepare_storage(settings, pipelines)
-    bootstrap.declare_queues(settings, pipelines)
+    log.info("roles %s: programs %s", ",".join(r for r in ROLES if r in roles),
+             ", ".join(f"{program} x{n}" for program, n in program_processes(settings).items() if n))
+    with bootstrap.reported():
+        for step in bootstrap.before_programs(roles):
+            step(settings, pipelines)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     # A session of its own: Ctrl-C reaches only us, and we stop supervisord in order.
     supervisord = subprocess.Popen(
@@ -99,8 +118,8 @@ def run_stack(settings: Settings, pipelines: list[Pipeline]) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
-        bootstrap.register_deployments(settings, pipelines)
+        for step in bootstrap.once_programs_run(roles):
+            step(settings, pipelines)
         log.info("stack up: Prefect UI at %s", settings.prefect_api_url.removesuffix("/api"))
     except Exception as exc:
         if supervisord.poll() is None:
@@ -126,7 +145,10 @@ def exec_prefect_server(settings: Settings) -> None:
 def exec_prefect_worker(settings: Settings) -> None:
     from flows import forkserver
 
-    wait_for_prefect(settings, PREFECT_STARTUP_SECONDS)
+    # On another host than the server, or started beside it: its pool exists once the server's
+    # bootstrap made it (`prefect worker start` would otherwise create one of its own).
+    wait_for_prefect(settings, STARTUP_SECONDS)
+    wait_for("work-pool", settings, STARTUP_SECONDS, f"work pool {settings.work_pool!r}")
     os.environ.update(settings.prefect_environment())
     # Deployments run `ingest-flow-run`, found on the PATH the worker hands its flow runs.
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
