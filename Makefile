@@ -68,6 +68,11 @@ BASE_IMAGE ?= debian:trixie-slim
 ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; elif command -v podman >/dev/null 2>&1; then echo podman; fi)
 PIP_CA ?= $(or $(PIP_CERT),$(shell python3 -m pip config get global.cert 2>/dev/null))
 PIP_INDEX ?= $(or $(PIP_INDEX_URL),$(shell python3 -m pip config get global.index-url 2>/dev/null))
+# Each asked once (a `?=` default would be asked again at every use).
+IMAGE_TAG := $(IMAGE_TAG)
+ENGINE := $(ENGINE)
+PIP_CA := $(PIP_CA)
+PIP_INDEX := $(PIP_INDEX)
 # podman: runc (crun, Debian's default, refuses hybrid cgroup hosts) and the docker image
 # format (the OCI format has no HEALTHCHECK).
 comma := ,

@@ -13,13 +13,14 @@ PostgreSQL, a RabbitMQ and nginx of its own on this machine (hosts/deployment.py
 It checks the image (non-root, HEALTHCHECK, no secret of the build left), starts the hosts
 and waits for each one's healthcheck (`podman healthcheck run`), publishes the records from
 this machine as a producer would, kills worker-1 (`podman kill`) during one of its flow
-runs, waits until that run ends Crashed, retries it as an operator would (`ingest replay
-runs`, on the server host), and once everything is settled counts: every record stored
-exactly once, the flow runs spread over both worker hosts (the label Prefect gives each
-run, the worker's name), the hosts still healthy with every process uid 10001, each host
-stopped by `podman stop` within its grace period. Progress lines go to stderr; one summary
-line to stdout; exit 1 on any failure. Everything it started is removed at the end, on
-failure or Ctrl-C too (--keep keeps the logs and data, printed).
+runs, waits until that run ends Crashed, starts worker-1 again, retries the run as an
+operator would (`ingest replay runs`, on the server host), and once everything is settled
+counts: every record stored exactly once, the flow runs spread over both worker hosts (the
+label Prefect gives each run, the worker's name), the hosts still healthy with every process
+uid 10001, each host stopped by `podman stop` within its grace period (exit code 0, no
+program killed by supervisord for outliving its stopwaitsecs). Progress lines go to stderr,
+one summary line to stdout; exit 1 on any failure. Everything it started is removed at the
+end, on failure or Ctrl-C too (--keep keeps the logs and data, printed).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ GRACE = 150  # seconds; docker/compose.yaml's stop_grace_period
 STARTUP = 600  # the first start migrates Prefect's database and copies its UI: minutes on a busy machine
 SETTLE = 900
 PUBLISH_SECONDS = 90
+# A program that outlived its stopwaitsecs (supervisord.conf): not a clean stop.
+KILLED_BY_SUPERVISORD = re.compile(r"stopped: (\S+) \(terminated by SIGKILL\)")
 WORK_POOL = "ingest"  # the hosts' INGEST_WORK_POOL: the default
 # `ingest worker` names its Prefect worker ingest-worker-<hostname>-<pid> (ingest/cli/up.py).
 WORKER_NAME = re.compile(r"ingest-worker-(.+)-\d+")
@@ -113,10 +116,12 @@ def runs_on(observer: Observer, pipeline: Pipeline, host: str, state_type: str) 
 
 
 def kill_during_run(podman: Podman, host: str, container: str, observer: Observer, pipeline: Pipeline,
-                    attempts: int = 5) -> list[str]:
-    """`podman kill` the host the moment one of its flow runs is Running, once it has completed
-    one: the ids of the runs it left Running. A run that finished just before the kill landed
-    is no test: the host is started again and killed at its next run."""
+                    producer: Producer, attempts: int = 5) -> list[str]:
+    """`podman kill` the host the moment one of its flow runs is Running, once a third of the
+    records are published and it has completed a run: the ids of the runs it left Running. A
+    run that finished just before the kill landed is no test: the host is started again and
+    killed at its next run."""
+    wait(lambda: len(producer.confirmed) >= producer.count / 3, SETTLE, "a third of the records published")
     wait(lambda: runs_on(observer, pipeline, host, "COMPLETED"), SETTLE, f"a flow run completed by {host}")
     for attempt in range(1, attempts + 1):
         wait(lambda: runs_on(observer, pipeline, host, "RUNNING"), SETTLE, f"a flow run running on {host}",
@@ -155,7 +160,7 @@ def scenario(deployment: Deployment, podman: Podman, records: int) -> tuple[dict
                         PUBLISH_SECONDS).start()
     log(f"publishing {records} records over {PUBLISH_SECONDS} s from this machine (user producer)")
     try:
-        interrupted = kill_during_run(podman, KILLED, containers[KILLED], observer, pipeline)
+        interrupted = kill_during_run(podman, KILLED, containers[KILLED], observer, pipeline, producer)
     finally:
         producer.join()
     log(f"published: {len(producer.confirmed)} confirmed; waiting for the interrupted run(s) to end")
@@ -187,9 +192,12 @@ def scenario(deployment: Deployment, podman: Podman, records: int) -> tuple[dict
     for host in reversed(containers):  # consumers, then workers, then the server: nothing left waiting
         seconds, code = podman.stop(containers[host], GRACE)
         stops[host] = f"{seconds:.0f}s/{code}"
-        log(f"podman stop {host}: {seconds:.1f} s, exit code {code}")
-        if code != 0 or seconds >= GRACE:
-            problems.append(f"podman stop {host}: exit code {code} after {seconds:.0f} s (grace {GRACE} s)")
+        killed = KILLED_BY_SUPERVISORD.findall(podman.logs(containers[host]))
+        log(f"podman stop {host}: {seconds:.1f} s, exit code {code}"
+            + (f"; supervisord killed {', '.join(killed)}" if killed else ""))
+        if code != 0 or seconds >= GRACE or killed:
+            problems.append(f"podman stop {host}: exit code {code} after {seconds:.0f} s (grace {GRACE} s)"
+                            + (f", {', '.join(killed)} killed after its stopwaitsecs" if killed else ""))
     figures = report.extra | {
         "run_hosts": ",".join(f"{h}:{n}" for h, n in sorted(run_hosts.items())),
         "killed_run": killed_run,
