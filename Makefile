@@ -9,7 +9,7 @@ endif
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install system-deps run test bench faults status clean
+.PHONY: install system-deps run test bench faults image image-test status clean
 
 # The venv is rebuilt when the pins change; requirements*.lock pin the whole tree.
 $(BIN)/ingest: pyproject.toml requirements.lock requirements-test.lock
@@ -27,8 +27,9 @@ run: install
 	$(BIN)/ingest up
 
 # nginx and Chromium, which tests/test_nginx.py runs for real (the proxy, and the UI in a
-# browser): installed from the distribution's packages when missing, a no-op otherwise.
-SYSTEM_TOOLS := nginx chromium
+# browser), and podman (with runc) and debootstrap, which `make image-test` builds and runs
+# the image with: installed from the distribution's packages when missing, a no-op otherwise.
+SYSTEM_TOOLS := nginx chromium podman runc debootstrap
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
 	  PATH="$$PATH:/usr/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
@@ -55,6 +56,44 @@ bench: install
 FAULTS_ARGS ?=
 faults: install
 	$(BIN)/python -m faults.run $(FAULTS_ARGS)
+
+# The image (docker/Dockerfile), tagged with the commit (plus -dirty with uncommitted
+# changes), built by docker when its engine runs, else by podman. Its base: pulled, or, where
+# no registry answers, built from Debian's packages by docker/base-image.sh (needs root).
+# Behind a TLS-intercepting proxy the build trusts the CA file this host's pip is configured
+# with (PIP_CERT, or pip's `cert` setting): mounted as a build secret for the install only.
+IMAGE ?= ingest
+IMAGE_TAG ?= $(shell git describe --always --dirty --abbrev=40 --exclude='*' 2>/dev/null || echo local)
+BASE_IMAGE ?= debian:trixie-slim
+ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; elif command -v podman >/dev/null 2>&1; then echo podman; fi)
+PIP_CA ?= $(or $(PIP_CERT),$(shell python3 -m pip config get global.cert 2>/dev/null))
+PIP_INDEX ?= $(or $(PIP_INDEX_URL),$(shell python3 -m pip config get global.index-url 2>/dev/null))
+# Each asked once (a `?=` default would be asked again at every use).
+IMAGE_TAG := $(IMAGE_TAG)
+ENGINE := $(ENGINE)
+PIP_CA := $(PIP_CA)
+PIP_INDEX := $(PIP_INDEX)
+# podman: runc (crun, Debian's default, refuses hybrid cgroup hosts) and the docker image
+# format (the OCI format has no HEALTHCHECK).
+comma := ,
+CONTAINER = $(if $(filter podman,$(ENGINE)),podman --runtime runc,$(ENGINE))
+BUILD_FLAGS = $(if $(filter podman,$(ENGINE)),--format docker) \
+  $(if $(PIP_CA),--secret id=pip-ca$(comma)src=$(PIP_CA) --build-arg PIP_CERT=/run/secrets/pip-ca) \
+  $(if $(PIP_INDEX),--build-arg PIP_INDEX_URL=$(PIP_INDEX))
+image:
+	@[ -n "$(ENGINE)" ] || { echo "make image needs docker (with a running engine) or podman" >&2; exit 1; }
+	@$(ENGINE) image inspect $(BASE_IMAGE) >/dev/null 2>&1 || $(ENGINE) pull $(BASE_IMAGE) \
+	  || { echo "$(BASE_IMAGE) cannot be pulled: building it from Debian's packages"; ENGINE=$(ENGINE) sh docker/base-image.sh $(BASE_IMAGE); }
+	$(CONTAINER) build -f docker/Dockerfile $(BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg VCS_REF=$(IMAGE_TAG) -t $(IMAGE):$(IMAGE_TAG) .
+	@echo "built $(IMAGE):$(IMAGE_TAG)"
+
+# The image as a deployment of several hosts on a podman network of its own, with its own
+# PostgreSQL, RabbitMQ and nginx (hosts/run.py): server, two workers and a consumer host,
+# 5,000 records, a worker host killed during a run; one summary line (about 10 minutes).
+image-test: ENGINE = podman
+image-test: install system-deps image
+	$(BIN)/python -m hosts.run --image $(IMAGE):$(IMAGE_TAG) $(if $(PIP_CA),--build-ca $(PIP_CA))
 
 status: install
 	$(BIN)/ingest status

@@ -42,9 +42,11 @@ class Report:
 class Observer:
     """Reads the queues (management API), the DLQ, the ingest database and Prefect's runs."""
 
-    def __init__(self, amqp_url: str, management_url: str, database_url: str, api_url: str):
+    def __init__(self, amqp_url: str, management_url: str, database_url: str, api_url: str,
+                 api_auth: tuple[str, str] | None = None):
+        """`api_auth`: the Prefect API's user and password, when it requires them."""
         self.amqp_url, self.management_url = amqp_url, management_url
-        self.database_url, self.api_url = database_url, api_url
+        self.database_url, self.api_url, self.api_auth = database_url, api_url, api_auth
 
     def query(self, text, params=None) -> list[tuple]:
         with psycopg.connect(self.database_url, connect_timeout=10) as conn:
@@ -77,7 +79,7 @@ class Observer:
                           "deployments": {"name": {"any_": [pipeline.name]}}, "limit": 200}
         while True:
             page = httpx.post(f"{self.api_url}/flow_runs/filter", json={**body, "offset": len(runs)},
-                              timeout=30).raise_for_status().json()
+                              auth=self.api_auth, timeout=30).raise_for_status().json()
             runs += page
             if len(page) < 200:
                 return runs
@@ -85,7 +87,7 @@ class Observer:
     def rescheduled(self, run_id: str) -> bool:
         """Whether consumers scheduled this run again after a dead worker left it Pending."""
         states = httpx.get(f"{self.api_url}/flow_run_states/", params={"flow_run_id": run_id},
-                           timeout=30).raise_for_status().json()
+                           auth=self.api_auth, timeout=30).raise_for_status().json()
         return any("its worker is gone" in (state.get("message") or "") for state in states)
 
     def outstanding(self, pipeline: Pipeline) -> str | None:

@@ -33,9 +33,13 @@ def _binary(name: str, candidates: list[str]) -> str:
 
 
 class PrivatePostgres:
-    """A PostgreSQL cluster of its own: initdb into a directory, trust auth on 127.0.0.1."""
+    """A PostgreSQL cluster of its own: initdb into a directory, trust auth on 127.0.0.1.
 
-    def __init__(self, home: Path):
+    `listen`: the addresses it listens on (127.0.0.1 always: the trusted one); `hba`: lines
+    added to pg_hba.conf, e.g. password logins from a container network's subnet.
+    """
+
+    def __init__(self, home: Path, listen: tuple[str, ...] = (), hba: tuple[str, ...] = ()):
         self.bin = Path(_binary("pg_ctl", ["/usr/lib/postgresql/*/bin/pg_ctl"])).parent
         self.dir = home / "postgres"
         self.data, self.log = self.dir / "data", self.dir / "postgres.log"
@@ -43,6 +47,7 @@ class PrivatePostgres:
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
         # PostgreSQL refuses to run as root: the cluster belongs to the postgres user then.
         self.user = "postgres" if os.geteuid() == 0 else None
+        self.listen, self.hba = ",".join(("127.0.0.1", *listen)), hba
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         command = [str(self.bin / args[0]), *args[1:]]
@@ -57,9 +62,11 @@ class PrivatePostgres:
                 entry = pwd.getpwnam(self.user)
                 os.chown(self.dir, entry.pw_uid, entry.pw_gid)
             self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.writelines(f"{line}\n" for line in self.hba)
         # The socket goes into our directory too: the shared server owns the default one.
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start",
-                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200")
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses={self.listen} -c max_connections=200")
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -75,22 +82,26 @@ class PrivatePostgres:
 
 
 class PrivateRabbit:
-    """A RabbitMQ node of its own name, ports, data, logs and Erlang cookie (with management)."""
+    """A RabbitMQ node of its own name, ports, data, logs and Erlang cookie (with management).
 
-    def __init__(self, home: Path):
+    `listen`: the address AMQP listens on (management stays on 127.0.0.1, where guest may log in).
+    """
+
+    def __init__(self, home: Path, listen: str = "127.0.0.1"):
         self.server = _binary("rabbitmq-server", ["/usr/lib/rabbitmq/bin/rabbitmq-server"])
         self.ctl = _binary("rabbitmqctl", ["/usr/lib/rabbitmq/bin/rabbitmqctl"])
         self.dir = home / "rabbitmq"
         self.node = f"ingest-faults-{uuid.uuid4().hex[:6]}@localhost"
         self.port, self.management_port = free_port(), free_port()
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.host = listen
+        self.url = f"amqp://guest:guest@{listen}:{self.port}/"
         self.management_url = f"http://127.0.0.1:{self.management_port}"
         self.process: subprocess.Popen | None = None
         self.env = {
             **os.environ,
             "HOME": str(self.dir),  # the Erlang cookie: ours, not the shared node's
             "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_IP_ADDRESS": listen,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(free_port()),
             "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
@@ -132,6 +143,12 @@ class PrivateRabbit:
     def _ctl(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([self.ctl, "-n", self.node, *args], env=self.env, capture_output=True, text=True,
                               timeout=180)
+
+    def import_definitions(self, path: Path) -> None:
+        """Users and permissions from a definitions file (consumers/rabbitmq_definitions.py)."""
+        result = self._ctl("import_definitions", str(path))
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl import_definitions failed: {result.stdout}{result.stderr}")
 
     def stop(self) -> None:
         """Stop the node as an operator would (rabbitmqctl stop), and wait for its process."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
@@ -33,6 +34,54 @@ async def ensure_work_pool(name: str) -> bool:
             return True
 
 
+# A flow run whose host is gone (killed, powered off, out of memory: its worker went with
+# it) cannot report its end, and Prefect would show it Running for good, its records never
+# done. Every run sends a heartbeat event this often (Prefect's minimum), and the automation
+# below marks a run Crashed once HEARTBEAT_MISSED has passed without one and without the run
+# ending: it is then retried like any crashed run (`ingest replay runs`, the UI's Retry).
+# The window opens when the run enters Running (an event of the server's own) and again at
+# each heartbeat: a host that dies before its run's first heartbeat is sent is caught too.
+# It is longer than the 4 minutes or so that runs ride out a Prefect server outage
+# (PREFECT_CLIENT_MAX_RETRIES, ingest/settings.py), whose heartbeats are lost meanwhile: a
+# run alive through an outage is not taken for dead. (One taken for dead after a longer
+# outage has its records stored all the same; retrying it finds nothing left to do.)
+HEARTBEAT_SECONDS = 30
+HEARTBEAT_MISSED = timedelta(minutes=5)
+CRASH_DETECTION = "ingest: crash flow runs whose heartbeats stopped"
+
+
+async def ensure_crash_detection() -> bool:
+    """Create or update the automation that crashes runs without heartbeats; True if created."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    automation = AutomationCore(
+        name=CRASH_DETECTION,
+        description=f"A flow run that sent no heartbeat for {HEARTBEAT_MISSED.seconds} s and did not end: its "
+        "process and worker are gone with their host. Marked Crashed, so it can be retried.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in
+                                                    ("Completed", "Failed", "Cancelled", "Crashed"))},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=HEARTBEAT_MISSED,
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {HEARTBEAT_MISSED.seconds} s: its host is gone")],
+    )
+    async with get_client() as client:
+        existing = await client.read_automations_by_name(CRASH_DETECTION)
+        if existing:
+            await client.update_automation(existing[0].id, automation)
+            return False
+        await client.create_automation(automation)
+        return True
+
+
 # Daily, at an hour away from the backfills' default (03:00 UTC).
 MAINTENANCE_CRON = "30 4 * * *"
 
@@ -49,7 +98,8 @@ async def apply_deployments(pipelines: list[Pipeline], work_pool: str, config_fi
     from flows.maintenance import maintenance
 
     # The process worker runs this instead of `python -m prefect.engine` (flows/forkserver.py).
-    job_variables = {"command": "ingest-flow-run"}
+    # And sends heartbeats often enough for ensure_crash_detection().
+    job_variables = {"command": "ingest-flow-run", "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}}
     names = []
     for pipeline in pipelines:
         common = {

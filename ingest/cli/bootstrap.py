@@ -164,9 +164,11 @@ def register_with_prefect(settings: Settings, pipelines: list[Pipeline]) -> None
 
 
 def register_deployments(settings: Settings, pipelines: list[Pipeline]) -> None:
-    from flows.deployments import apply_deployments, ensure_work_pool
+    from flows.deployments import apply_deployments, ensure_crash_detection, ensure_work_pool
 
     if asyncio.run(ensure_work_pool(settings.work_pool)):
         log.info("created work pool %s (process)", settings.work_pool)
+    if asyncio.run(ensure_crash_detection()):
+        log.info("created the automation that crashes flow runs whose host is gone")
     names = asyncio.run(apply_deployments(pipelines, settings.work_pool, settings.pipelines_file))
     log.info("deployments: %s", ", ".join(names))
