@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.fixtures.services import AMQP_URL, create_database, delete_queues, drop_database
-from tests.fixtures.stack import INGEST
+from tests.fixtures.stack import INGEST, up_environment
 
 
 class Health(BaseHTTPRequestHandler):
@@ -43,17 +43,7 @@ def test_ingest_up_refuses_a_prefect_port_already_in_use(other_server, ingest_da
     pipeline = f"up{uuid.uuid4().hex[:8]}"
     (tmp_path / "pipelines.toml").write_text(f"[pipelines.{pipeline}]\nbackfill_cron = \"\"\n")
     prefect_database = create_database("prefect_up_test")  # only touched if `ingest up` went on
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "INGEST_"))},
-        "INGEST_PREFECT_API_URL": f"http://127.0.0.1:{other_server}/api",
-        "INGEST_DATABASE_URL": ingest_database,
-        "INGEST_PREFECT_DATABASE_URL": prefect_database,
-        "INGEST_AMQP_URL": AMQP_URL,
-        "INGEST_PIPELINES_FILE": str(tmp_path / "pipelines.toml"),
-        "INGEST_RUN_DIR": str(tmp_path / "run"),
-        "INGEST_METRICS_PORT": "0",
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-    }
+    env = up_environment(tmp_path, f"http://127.0.0.1:{other_server}/api", ingest_database, prefect_database)
     up = subprocess.Popen([INGEST, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           start_new_session=True)
     try:

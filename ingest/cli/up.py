@@ -111,9 +111,13 @@ def run_stack(settings: Settings, pipelines: list[Pipeline]) -> int:
         start_new_session=True,
     )
 
+    bootstrapping = True
+
     def stop(signum, _frame) -> None:
         log.info("%s: stopping the stack", signal.Signals(signum).name)
         supervisord.send_signal(signal.SIGTERM)
+        if bootstrapping:
+            raise StoppedDuringBootstrap  # else it would go on waiting for a server that is stopping
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -121,11 +125,20 @@ def run_stack(settings: Settings, pipelines: list[Pipeline]) -> int:
         for step in bootstrap.once_programs_run(roles):
             step(settings, pipelines)
         log.info("stack up: Prefect UI at %s", settings.prefect_api_url.removesuffix("/api"))
+    except StoppedDuringBootstrap:
+        log.warning("stopped before the bootstrap against Prefect finished: the next `ingest up` completes it")
     except Exception as exc:
         if supervisord.poll() is None:
             log.error("bootstrap against Prefect failed, stopping: %s", exc)
             supervisord.send_signal(signal.SIGTERM)
+    finally:
+        bootstrapping = False
     return supervisord.wait()
+
+
+class StoppedDuringBootstrap(BaseException):
+    """SIGTERM or Ctrl-C while `ingest up` still registers with Prefect. A BaseException, so
+    that the retries of a bootstrap step (which catch Exception) do not swallow it."""
 
 
 def exec_supervisorctl(settings: Settings, args: list[str]) -> None:
