@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         1024 * 1024, ge=1, description="Larger messages are dead-lettered as `too_large`."
     )
+    consumer_max_held_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Bytes of message bodies one consumer process holds at most (delivered "
+        "and not yet acked: waiting, batched, being committed), shared equally by the pipelines it consumes. The "
+        "broker's prefetch counts messages, so each pipeline takes them in windows of its share / max_message_bytes "
+        "messages (consumers/credit.py); with messages near the size limit that is also its batches' size."
+    )
     worker_poll_seconds: float = Field(
         0.5, gt=0, description="How often the Prefect worker polls for scheduled runs: half of it is the "
         "average wait of a new flow run; each poll is one query on the Prefect server."
@@ -116,6 +122,14 @@ class Settings(BaseSettings):
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a URL like postgresql://user:password@host:5432/database")
         return value
+
+    @model_validator(mode="after")
+    def _holds_a_message(self) -> "Settings":
+        if self.consumer_max_held_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"INGEST_CONSUMER_MAX_HELD_BYTES ({self.consumer_max_held_bytes}) must be at least "
+                f"INGEST_MAX_MESSAGE_BYTES ({self.max_message_bytes}): a consumer must be able to hold one message")
+        return self
 
     @property
     def prefect_host(self) -> str:
