@@ -126,6 +126,7 @@ class Windows:
         self.held_bytes = metrics.HELD_BYTES.labels(pipeline)
         self.changed = asyncio.Event()
         self.stopped = False
+        self.reopened = False  # the channel reopened after a broker reconnect
         self.opened = 0
         self.held_back_logged_at = float("-inf")
 
@@ -175,6 +176,13 @@ class Windows:
                 self.changed.set()
 
     async def _next(self) -> None:
+        if self.reopened and self.credit.tag:
+            # The window went with the old channel, or was opened on the new one while it
+            # reopened: cancelling it is a no-op for the one, and for the other keeps it from
+            # being a second window beside the next.
+            await self.queue.cancel(self.credit.tag)
+            self.credit.closed()
+        self.reopened = False
         if self.credit.wants_window and self.credit.tag:
             await self.queue.cancel(self.credit.tag)  # after its cancel-ok the broker sends it nothing more
             self.credit.closed()
@@ -190,7 +198,7 @@ class Windows:
             # The broker cancels a consumer whose queue is deleted: its window is gone then.
             (await self.channel.get_underlay_channel()).on_consumer_cancel_callbacks.add(self._cancelled_by_broker)
             # Not robust: aio-pika would restore it after a reconnect with its whole credit, on
-            # top of the messages of the lost channel still in hand; _channel_reopened opens another.
+            # top of the messages of the lost channel still in hand; _next opens another then.
             await self.queue.consume(self.taken, no_ack=False, consumer_tag=tag, robust=False)
         except BaseException:
             self.credit.closed()
@@ -208,8 +216,7 @@ class Windows:
                 self.pipeline, self.credit.bytes, self.credit.window, self.credit.max_bytes)
 
     def _channel_reopened(self, _channel) -> None:
-        """After a broker reconnect: the open window went with the old channel."""
-        self.credit.closed()
+        self.reopened = True
         self.changed.set()
 
     def _cancelled_by_broker(self, frame) -> None:
