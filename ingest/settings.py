@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -116,20 +116,21 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Log level of consumers and commands.")
 
+    @field_validator("consumer_max_held_bytes")
+    @classmethod
+    def _holds_a_message(cls, value: int, info) -> int:
+        largest = info.data.get("max_message_bytes")  # validated before: it is defined above
+        if largest is not None and value < largest:
+            raise ValueError(f"INGEST_CONSUMER_MAX_HELD_BYTES ({value}) must be at least INGEST_MAX_MESSAGE_BYTES "
+                             f"({largest}): a consumer must be able to hold one message")
+        return value
+
     @field_validator("database_url", "prefect_database_url")
     @classmethod
     def _postgres_url(cls, value: str) -> str:
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a URL like postgresql://user:password@host:5432/database")
         return value
-
-    @model_validator(mode="after")
-    def _holds_a_message(self) -> "Settings":
-        if self.consumer_max_held_bytes < self.max_message_bytes:
-            raise ValueError(
-                f"INGEST_CONSUMER_MAX_HELD_BYTES ({self.consumer_max_held_bytes}) must be at least "
-                f"INGEST_MAX_MESSAGE_BYTES ({self.max_message_bytes}): a consumer must be able to hold one message")
-        return self
 
     @property
     def prefect_host(self) -> str:

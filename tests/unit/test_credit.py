@@ -101,3 +101,14 @@ def test_each_pipeline_of_a_consumer_gets_an_equal_part_that_must_hold_one_messa
     with pytest.raises(HeldBytesTooSmall, match=r"INGEST_CONSUMER_MAX_HELD_BYTES \(2000\) is shared by the 3 "
                                                 r"pipelines.*raise it to at least 3000"):
         share(2 * M, M, 3)
+
+
+def test_the_setting_refuses_a_bound_smaller_than_one_message_of_the_largest_size():
+    from pydantic import ValidationError
+
+    from ingest.settings import Settings
+
+    assert Settings(max_message_bytes=M, consumer_max_held_bytes=M).consumer_max_held_bytes == M
+    with pytest.raises(ValidationError, match=r"INGEST_CONSUMER_MAX_HELD_BYTES \(999\) must be at least "
+                                              r"INGEST_MAX_MESSAGE_BYTES \(1000\)"):
+        Settings(max_message_bytes=M, consumer_max_held_bytes=M - 1)
