@@ -71,8 +71,9 @@ class InboxCommit:
 
         The messages stay in hand, unacked, meanwhile: returning them would count a delivery
         each time, and a long outage would then reach the delivery limit and dead-letter good
-        messages. In hand, the prefetch limit stops deliveries, and the next batch's flush
-        waits for this commit: the consumer neither spins nor takes more.
+        messages. In hand, they use up the consumer's credit (consumers/credit.py), which stops
+        deliveries, and the next batch's flush waits for this commit: the consumer neither
+        spins nor takes more.
         """
         async def write() -> inbox.Written:
             with metrics.INBOX_WRITE.labels(self.pipeline.name).time():

@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 from consumers import metrics
 from consumers.batcher import Batcher
 from consumers.commit import Entry, InboxCommit
+from consumers.credit import Credit, HeldBytesTooSmall, Windows, share
 from consumers.deadletter import DeadLetterer
 from consumers.delivery import channel_lost, give_back, label
 from consumers.poison import PoisonGuard
@@ -48,30 +49,28 @@ T = TypeVar("T")
 class PipelineConsumer:
     """Consumes one pipeline's queue on its own channel; one batch commits at a time."""
 
-    def __init__(self, pipeline: Pipeline, app: "Consumer"):
+    def __init__(self, pipeline: Pipeline, app: "Consumer", max_held_bytes: int):
         self.pipeline = pipeline
         self.app = app
         self.batcher: Batcher[Entry] = Batcher(pipeline.batch)
         self.incoming: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self.committing: asyncio.Task | None = None
-        self.consumer_tag: str | None = None
+        self.credit = Credit(max_held_bytes, app.settings.max_message_bytes, pipeline.prefetch)
 
     async def start(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         self.channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await self.channel.set_qos(prefetch_count=self.pipeline.prefetch)
         self.deadletterer = DeadLetterer(self.channel, self.pipeline)
         self.guard = PoisonGuard(self.app.pool, self.pipeline.name)
         await self.deadletterer.start()
         self.committer = InboxCommit(self.pipeline, self.app.pool, self.app.settings, self.deadletterer,
                                      self.app.stopping)
         self.queue = await self.channel.get_queue(self.pipeline.queue, ensure=True)
-        self.consumer_tag = await self.queue.consume(self.incoming.put, no_ack=False)
+        self.windows = Windows(self.pipeline.name, self.channel, self.queue, self.credit, self.incoming.put_nowait)
+        await self.windows.start()
         self.loop_task = asyncio.create_task(self._loop(), name=f"consume-{self.pipeline.name}")
 
     async def stop_consuming(self) -> None:
-        if self.consumer_tag:
-            await self.queue.cancel(self.consumer_tag)
-            self.consumer_tag = None
+        await self.windows.stop()
 
     async def drain(self) -> None:
         """After the consumer is cancelled: handle what was delivered, commit the last batch."""
@@ -80,7 +79,7 @@ class PipelineConsumer:
         await asyncio.gather(self.loop_task, return_exceptions=True)
         while not self.incoming.empty():
             if (message := self.incoming.get_nowait()) is not None:
-                await self._handle(message)
+                await self._take(message)
         await self._flush()
         if self.committing:
             await self.committing
@@ -94,42 +93,53 @@ class PipelineConsumer:
                 continue
             if message is None:  # drain() asks the loop to end
                 return
-            try:
-                await self._handle(message)
-            except Exception:
-                # A bug, not bad input: the message goes back, and the delivery limit
-                # dead-letters it if it keeps failing; the messages around it go on.
-                log.exception("message %s of %s: unexpected error, returned to the queue",
-                              label(message), self.pipeline.name)
-                await give_back(message)
-            if self.batcher.due:
+            await self._take(message)
+            # Once the broker sends nothing more until what is held is settled, waiting for the
+            # batch to fill would only wait out its linger.
+            if self.batcher.due or (self.incoming.empty() and self.credit.stalled):
                 await self._flush()
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _take(self, message: AbstractIncomingMessage) -> None:
+        """Handle a delivered message; unless it joined the batch, it leaves our hands here."""
+        try:
+            batched = await self._handle(message)
+        except Exception:
+            # A bug, not bad input: the message goes back, and the delivery limit
+            # dead-letters it if it keeps failing; the messages around it go on.
+            log.exception("message %s of %s: unexpected error, returned to the queue",
+                          label(message), self.pipeline.name)
+            await give_back(message)
+            batched = False
+        if not batched:
+            self.windows.released([message])
+
+    async def _handle(self, message: AbstractIncomingMessage) -> bool:
+        """Whether it joined the batch (else it was settled or dropped)."""
         metrics.RECEIVED.labels(self.pipeline.name).inc()
         if message.redelivered:
             metrics.REDELIVERED.labels(self.pipeline.name).inc()
         if channel_lost(message):  # taken before a broker reconnect: see consumers/delivery.py
             log.info("message %s of %s: its channel was lost (broker reconnect); left to its redelivery",
                      label(message), self.pipeline.name)
-            return
+            return False
         key = message_key(message.body, message.message_id)
         # A redelivered message may be the one a consumer died of: see consumers/poison.py.
         if message.redelivered and not await self._retrying(
                 f"message {key[:40]}: poison check", lambda: self.guard.enter(key)):
             await self._return_poison(message, key)
-            return
+            return False
         try:
             if CRASH_HEADER and CRASH_HEADER in (message.headers or {}):
                 os.kill(os.getpid(), signal.SIGKILL)
             record = decode(message.body, message.content_type, self.app.settings.max_message_bytes)
         except InvalidMessage as exc:
             await self.deadletterer.reject(message, exc)
-            return
+            return False
         finally:
             if message.redelivered:
                 await self._retrying(f"message {key[:40]}: poison check", lambda: self.guard.leave(key))
         self.batcher.add((Accepted(key, record, message.body), message), len(message.body))
+        return True
 
     async def _return_poison(self, message: AbstractIncomingMessage, key: str) -> None:
         """Return it untouched: the broker dead-letters it once it reaches the delivery limit."""
@@ -149,6 +159,12 @@ class PipelineConsumer:
         self.committing = asyncio.create_task(self._commit(self.batcher.take()))
 
     async def _commit(self, entries: list[Entry]) -> None:
+        try:
+            await self._commit_and_ack(entries)
+        finally:  # acked, dead-lettered, returned or dropped: out of our hands
+            self.windows.released([message for _, message in entries])
+
+    async def _commit_and_ack(self, entries: list[Entry]) -> None:
         batch_id = uuid4()
         entries = self._on_live_channel(batch_id, entries)
         if not entries:
@@ -214,6 +230,8 @@ class Consumer:
         self.settings = settings
         self.pipelines = pipelines
         self.stopping = asyncio.Event()
+        # Each pipeline's part of the bound on held message bodies (consumers/credit.py).
+        self.max_held_bytes = share(settings.consumer_max_held_bytes, settings.max_message_bytes, len(pipelines))
 
     async def startup(self) -> None:
         if self.settings.metrics_port:
@@ -229,7 +247,7 @@ class Consumer:
         await declare_topology(self.connection, self.pipelines)
         self.submitter = Submitter(self.pool, self.settings, {p.name: p for p in self.pipelines})
         await self.submitter.start()
-        self.consumers = [PipelineConsumer(p, self) for p in self.pipelines]
+        self.consumers = [PipelineConsumer(p, self, self.max_held_bytes) for p in self.pipelines]
         for consumer in self.consumers:
             await consumer.start(self.connection)
         log.info("consuming %s", ", ".join(p.queue for p in self.pipelines))
@@ -253,7 +271,7 @@ class Consumer:
         """Until asked to stop (0), or until a consume loop dies (1: supervisord restarts us)."""
         await self.startup()
         stop = asyncio.create_task(self.stopping.wait())
-        loops = [c.loop_task for c in self.consumers]
+        loops = [task for c in self.consumers for task in (c.loop_task, c.windows.keeper)]
         try:
             done, _ = await asyncio.wait([stop, *loops], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -268,8 +286,12 @@ class Consumer:
 def run(settings: Settings, pipelines: list[Pipeline]) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
 
-    async def main() -> int:
+    try:
         consumer = Consumer(settings, pipelines)
+    except HeldBytesTooSmall as exc:
+        raise SystemExit(f"ingest consumer: {exc}") from None
+
+    async def main() -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, consumer.stopping.set)

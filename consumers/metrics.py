@@ -45,6 +45,11 @@ COMMIT_FAILURES = Counter(
     "Attempts to commit a batch to the inbox that failed (its messages are held unacked and the commit retried).",
     ["pipeline"],
 )
+HELD_BYTES = Gauge(
+    "ingest_consumer_held_bytes",
+    "Bytes of message bodies this consumer holds: delivered, not yet acked, returned or dead-lettered "
+    "(at most its part of INGEST_CONSUMER_MAX_HELD_BYTES).", ["pipeline"],
+)
 INBOX_WRITE = Histogram(
     "ingest_inbox_write_seconds", "Time to write one batch to the inbox (one transaction).", ["pipeline"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),

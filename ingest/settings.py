@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         1024 * 1024, ge=1, description="Larger messages are dead-lettered as `too_large`."
     )
+    consumer_max_held_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Bytes of message bodies one consumer process holds at most (delivered "
+        "and not yet acked: waiting, batched, being committed), shared equally by the pipelines it consumes. The "
+        "broker's prefetch counts messages, so each pipeline takes them in windows of its share / max_message_bytes "
+        "messages (consumers/credit.py); with messages near the size limit that is also its batches' size."
+    )
     worker_poll_seconds: float = Field(
         0.5, gt=0, description="How often the Prefect worker polls for scheduled runs: half of it is the "
         "average wait of a new flow run; each poll is one query on the Prefect server."
@@ -142,6 +148,15 @@ class Settings(BaseSettings):
         PROJECT_ROOT / ".run", description="Where `ingest up` keeps supervisord's socket and pid file."
     )
     log_level: str = Field("INFO", description="Log level of consumers and commands.")
+
+    @field_validator("consumer_max_held_bytes")
+    @classmethod
+    def _holds_a_message(cls, value: int, info) -> int:
+        largest = info.data.get("max_message_bytes")  # validated before: it is defined above
+        if largest is not None and value < largest:
+            raise ValueError(f"INGEST_CONSUMER_MAX_HELD_BYTES ({value}) must be at least INGEST_MAX_MESSAGE_BYTES "
+                             f"({largest}): a consumer must be able to hold one message")
+        return value
 
     @field_validator("database_url", "prefect_database_url")
     @classmethod
