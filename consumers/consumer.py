@@ -158,37 +158,39 @@ class PipelineConsumer:
             await asyncio.shield(self.committing)
         self.committing = asyncio.create_task(self._commit(self.batcher.take()))
 
-    async def _commit(self, entries: list[Entry]) -> None:
-        try:
-            await self._commit_and_ack(entries)
-        finally:  # acked, dead-lettered, returned or dropped: out of our hands
-            self.windows.released([message for _, message in entries])
-
-    async def _commit_and_ack(self, entries: list[Entry]) -> None:
+    async def _commit(self, taken: list[Entry]) -> None:
         batch_id = uuid4()
-        entries = self._on_live_channel(batch_id, entries)
-        if not entries:
-            return
+        entries = self._on_live_channel(batch_id, taken)
+        outcome: tuple[list[Entry], int] | Exception | None = None
         try:
-            entries, inserted = await self.committer.commit(batch_id, entries)
+            if entries:
+                outcome = await self.committer.commit(batch_id, entries)
         except Exception as exc:
+            outcome = exc
+        finally:
+            # The batch leaves our hands before it is acked or returned: what the broker sends
+            # once it has the ack counts against what is left (consumers/credit.py).
+            self.windows.released([message for _, message in taken])
+        if isinstance(outcome, Exception):
             # Only when stopping with the database still refusing, or a bug: the consumer
             # lives on, and the messages go back (one delivery each) for the next consumer.
             log.error("batch %s (%s): not committed (%s: %s); its %d message(s) returned to the queue",
-                      batch_id, self.pipeline.name, type(exc).__name__, exc, len(entries),
-                      exc_info=not isinstance(exc, psycopg.Error))
+                      batch_id, self.pipeline.name, type(outcome).__name__, outcome, len(entries),
+                      exc_info=outcome if not isinstance(outcome, psycopg.Error) else None)
             for _, message in entries:
                 await give_back(message)
-            return
-        if not entries:  # all refused by PostgreSQL or in conflict: dead-lettered
-            return
-        for _, message in entries:
-            try:
-                await message.ack()
-                metrics.ACKED.labels(self.pipeline.name).inc()
-            except Exception as exc:  # channel lost: the broker redelivers, the inbox dedups
-                log.warning("message %s: ack failed after commit (%s); its redelivery will be deduplicated",
-                            label(message), exc)
+        elif outcome and outcome[0]:  # else all refused by PostgreSQL or in conflict: dead-lettered
+            await self._acknowledge(batch_id, *outcome)
+
+    async def _acknowledge(self, batch_id, entries: list[Entry], inserted: int) -> None:
+        # One ack for the batch: every delivery on this channel up to its last one is the
+        # batch's, the ones between them were settled when they were handled.
+        try:
+            await entries[-1][1].ack(multiple=True)
+            metrics.ACKED.labels(self.pipeline.name).inc(len(entries))
+        except Exception as exc:  # channel lost: the broker redelivers, the inbox dedups
+            log.warning("batch %s (%s): ack failed after commit (%s); the redelivery of its %d message(s) will be "
+                        "deduplicated", batch_id, self.pipeline.name, exc, len(entries))
         duplicates = len(entries) - inserted
         if not inserted:
             log.info("%d message(s) of %s already in the inbox (redelivered or published again): acked",

@@ -6,14 +6,18 @@ limit), and basic.cancel takes back nothing already sent. Whatever the broker ha
 memory, so only the credit the broker is given can bound it.
 
 So a consumer takes messages in windows: one broker consumer (basic.consume) at a time, with
-a prefetch of `window` messages, where `window x max_message_bytes` is half the bound. An open
-window can be sent at most `window` unacked messages, however large. A window that has used
-up its credit is cancelled, and the next one opened, only when what is held plus a whole
+a prefetch of `window` messages, about half the bound in messages of the largest size. An
+open window can be sent at most `window` unacked messages, however large. A window that has
+used up its credit is cancelled, and the next one opened, only when what is held plus a whole
 window of the largest messages still fits in the bound (and fewer than `max_messages` are
 held, the count-based limit of before). Messages near the size limit: two windows fill the
 bound, and the last one is refilled as its messages are acked. Small ones: windows follow one
 another, and batches reach max_records as before. (A window of the whole bound could never be
 followed by another while anything at all is held.)
+
+A message leaves our hands when it is settled; the broker may send the next one as soon as it
+has the ack. A batch is released just before its ack goes out (consumers/consumer.py), but a
+single message (dead-lettered, returned) just after: the bound keeps room for that one message.
 
 `Credit` is the pure logic; `Windows` opens and cancels a pipeline's windows as it allows.
 """
@@ -45,14 +49,14 @@ class HeldBytesTooSmall(ValueError):
 
 
 def share(max_held_bytes: int, max_message_bytes: int, pipelines: int) -> int:
-    """Each pipeline's part of a consumer process's bound; it must hold one message of the largest size."""
+    """Each pipeline's part of a consumer process's bound; it must hold two messages of the largest size."""
     part = max_held_bytes // pipelines
-    if part < max_message_bytes:
+    if part < 2 * max_message_bytes:
         raise HeldBytesTooSmall(
             f"INGEST_CONSUMER_MAX_HELD_BYTES ({max_held_bytes}) is shared by the {pipelines} pipelines this "
-            f"consumer consumes: {part} bytes each, less than one message of INGEST_MAX_MESSAGE_BYTES "
-            f"({max_message_bytes}); raise it to at least {pipelines * max_message_bytes}, or run fewer pipelines "
-            f"per consumer (-p)")
+            f"consumer consumes: {part} bytes each, less than two messages of INGEST_MAX_MESSAGE_BYTES "
+            f"({max_message_bytes}); raise it to at least {pipelines * 2 * max_message_bytes}, or run fewer "
+            f"pipelines per consumer (-p)")
     return part
 
 
@@ -63,7 +67,8 @@ class Credit:
         self.max_bytes = max_bytes
         self.max_message_bytes = max_message_bytes
         self.max_messages = max_messages
-        self.window = max(1, min(max_messages, max_bytes // (2 * max_message_bytes)))
+        # Room for two windows and the one message settled but not yet released (see above).
+        self.window = max(1, min(max_messages, (max_bytes // max_message_bytes - 1) // 2))
         self.bytes = 0
         self.messages = 0
         self.tag: str | None = None  # the open window's consumer tag
@@ -95,8 +100,9 @@ class Credit:
 
     @property
     def room(self) -> bool:
-        """Whether a whole new window of messages of the largest size fits."""
-        return self.messages < self.max_messages and self.bytes + self.window * self.max_message_bytes <= self.max_bytes
+        """Whether a whole new window of messages of the largest size fits (and the one of above)."""
+        largest = self.max_message_bytes
+        return self.messages < self.max_messages and self.bytes + (self.window + 1) * largest <= self.max_bytes
 
     @property
     def wants_window(self) -> bool:

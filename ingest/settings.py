@@ -119,9 +119,10 @@ class Settings(BaseSettings):
     )
     consumer_max_held_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="Bytes of message bodies one consumer process holds at most (delivered "
-        "and not yet acked: waiting, batched, being committed), shared equally by the pipelines it consumes. The "
-        "broker's prefetch counts messages, so each pipeline takes them in windows of its share / max_message_bytes "
-        "messages (consumers/credit.py); with messages near the size limit that is also its batches' size."
+        "and not yet settled: waiting, batched, being committed), shared equally by the pipelines it consumes, each "
+        "part at least twice max_message_bytes. The broker's prefetch counts messages, so each pipeline takes them in "
+        "windows of about half its part in messages of max_message_bytes (consumers/credit.py); with messages near "
+        "the size limit, the bound also makes its batches' size."
     )
     worker_poll_seconds: float = Field(
         0.5, gt=0, description="How often the Prefect worker polls for scheduled runs: half of it is the "
@@ -153,9 +154,9 @@ class Settings(BaseSettings):
     @classmethod
     def _holds_a_message(cls, value: int, info) -> int:
         largest = info.data.get("max_message_bytes")  # validated before: it is defined above
-        if largest is not None and value < largest:
-            raise ValueError(f"INGEST_CONSUMER_MAX_HELD_BYTES ({value}) must be at least INGEST_MAX_MESSAGE_BYTES "
-                             f"({largest}): a consumer must be able to hold one message")
+        if largest is not None and value < 2 * largest:
+            raise ValueError(f"INGEST_CONSUMER_MAX_HELD_BYTES ({value}) must be at least twice INGEST_MAX_MESSAGE_BYTES "
+                             f"({largest}): a consumer holds a message being settled while it takes the next")
         return value
 
     @field_validator("database_url", "prefect_database_url")
