@@ -67,7 +67,7 @@ def store_flow(body: str) -> None:
 
 def connect(database_url: str, table: str) -> None:
     if "connection" not in _database:
-        _database.update(url=database_url, table=table,
+        _database.update(table=table,
                          connection=psycopg.connect(database_url, autocommit=True))
         _database["connection"].execute(table_statement(table))
 
