@@ -86,17 +86,23 @@ class PipelineConsumer:
 
     async def _loop(self) -> None:
         while True:
-            try:
-                message = await asyncio.wait_for(self.incoming.get(), self.batcher.seconds_left())
-            except TimeoutError:
-                await self._flush()
-                continue
+            # A batch that is due but not full first takes what was delivered already (the
+            # first record of a burst would otherwise go alone); it is full after at most
+            # max_records of them.
+            if not self.incoming.empty():
+                message = self.incoming.get_nowait()
+            else:
+                try:
+                    message = await asyncio.wait_for(self.incoming.get(), self.batcher.seconds_left())
+                except TimeoutError:
+                    await self._flush()
+                    continue
             if message is None:  # drain() asks the loop to end
                 return
             await self._take(message)
             # Once the broker sends nothing more until what is held is settled, waiting for the
             # batch to fill would only wait out its linger.
-            if self.batcher.due or (self.incoming.empty() and self.credit.stalled):
+            if self.batcher.full or (self.incoming.empty() and (self.batcher.due or self.credit.stalled)):
                 await self._flush()
 
     async def _take(self, message: AbstractIncomingMessage) -> None:

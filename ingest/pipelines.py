@@ -29,12 +29,17 @@ class _Strict(BaseModel):
 class Batching(_Strict):
     """A consumer commits a micro-batch when any of these limits is reached."""
 
-    # Each batch is one flow run, and a flow run costs about one CPU-second between the
-    # Prefect server, the worker and the run itself, whatever its size: at these defaults a
-    # pipeline asks at most ~1 run a second under a trickle, and big runs under load.
+    # Each batch is one flow run, and a flow run costs CPU between the Prefect server, the
+    # worker and the run itself, whatever its size: at these defaults a consumer asks at most
+    # 1 run a second of a pipeline (a record that finds it unspent goes at once, not after a
+    # fixed linger), and big runs under load.
     max_records: int = Field(1000, ge=1, le=10_000, description="Records per batch (one flow run each).")
     max_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Sum of message bodies per batch.")
     max_linger_ms: int = Field(1000, ge=1, description="Longest a record waits for its batch to fill.")
+    max_runs_per_second: float = Field(
+        1.0, ge=0, description="Commit a batch as soon as it has a record, unless this consumer committed one of "
+        "the pipeline's less than 1/max_runs_per_second ago: then when that much time has passed (or the "
+        "batch is full, or its linger is over). 0: only full batches and the linger (and max_idle_ms) commit.")
     # For bursts: once a burst ends, its last batch would wait out the whole linger. Off by
     # default, because under a trickle slower than one record per max_idle_ms every record
     # would become a batch, and a flow run, of its own.

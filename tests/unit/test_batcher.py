@@ -1,4 +1,4 @@
-"""Micro-batching by count, bytes and linger, driven by a fake clock."""
+"""Micro-batching by count, bytes, linger and the budget of runs, driven by a fake clock."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def batcher(clock) -> Batcher[str]:
-    return Batcher(Batching(max_records=3, max_bytes=100, max_linger_ms=500), clock=clock)
+    """Count, bytes and linger only (no budget of runs: tested below)."""
+    return Batcher(Batching(max_records=3, max_bytes=100, max_linger_ms=500, max_runs_per_second=0), clock=clock)
 
 
 def test_empty_batcher(batcher):
@@ -126,7 +127,7 @@ def test_idle_limit_is_off_by_default(batcher, clock):
 
 
 def test_due_once_no_item_arrived_for_the_idle_time(clock):
-    batcher = Batcher(Batching(max_records=100, max_linger_ms=5000, max_idle_ms=200), clock=clock)
+    batcher = Batcher(Batching(max_records=100, max_linger_ms=5000, max_idle_ms=200, max_runs_per_second=0), clock=clock)
     batcher.add("a", 1)
     clock.now += 0.15
     batcher.add("b", 1)  # each item restarts the idle time
@@ -140,7 +141,7 @@ def test_due_once_no_item_arrived_for_the_idle_time(clock):
 
 
 def test_linger_still_bounds_a_batch_whose_items_keep_coming(clock):
-    batcher = Batcher(Batching(max_records=100, max_linger_ms=500, max_idle_ms=200), clock=clock)
+    batcher = Batcher(Batching(max_records=100, max_linger_ms=500, max_idle_ms=200, max_runs_per_second=0), clock=clock)
     batcher.add("x", 1)
     for _ in range(7):  # steps exact in binary, so that the linger ends exactly
         clock.now += 0.0625
@@ -150,3 +151,83 @@ def test_linger_still_bounds_a_batch_whose_items_keep_coming(clock):
     clock.now += 0.0625
 
     assert batcher.due is True
+
+
+# --- the budget of runs -------------------------------------------------------------------
+
+
+def budgeted(clock, **limits) -> Batcher[str]:
+    return Batcher(Batching(**{"max_records": 100, "max_linger_ms": 1000, "max_runs_per_second": 2, **limits}),
+                   clock=clock)
+
+
+def test_a_record_that_finds_the_budget_unspent_goes_at_once(clock):
+    batcher = budgeted(clock)
+    batcher.add("a", 1)
+
+    assert batcher.due is True
+    assert batcher.seconds_left() == 0.0
+
+
+def test_after_a_batch_the_next_waits_for_the_budget_not_the_linger(clock):
+    batcher = budgeted(clock)
+    batcher.add("a", 1)
+    batcher.take()
+    clock.now += 0.125
+    batcher.add("b", 1)
+    assert batcher.due is False
+    assert batcher.seconds_left() == pytest.approx(0.375)  # 1/2 s after the last batch, not 1 s after "b"
+
+    clock.now += 0.375
+
+    assert batcher.due is True
+
+
+def test_a_record_after_a_quiet_spell_goes_at_once(clock):
+    batcher = budgeted(clock)
+    batcher.add("a", 1)
+    batcher.take()
+    clock.now += 3
+
+    batcher.add("b", 1)
+
+    assert batcher.due is True
+
+
+def test_a_stream_makes_at_most_the_budget_of_batches(clock):
+    batcher = budgeted(clock, max_runs_per_second=4)
+    batches = []
+    for _ in range(400):  # 100 records a second for 4 s
+        batcher.add("x", 1)
+        if batcher.due:
+            batches.append(len(batcher.take()))
+        clock.now += 0.01
+    assert len(batches) <= 4 * 4 + 1
+    assert sum(batches) + len(batcher.items) == 400
+
+
+def test_the_linger_still_bounds_a_budget_slower_than_it(clock):
+    batcher = budgeted(clock, max_linger_ms=500, max_runs_per_second=0.5)
+    batcher.add("a", 1)
+    batcher.take()
+    batcher.add("b", 1)
+
+    assert batcher.seconds_left() == pytest.approx(0.5)
+
+
+def test_a_full_batch_goes_whatever_the_budget(clock):
+    batcher = budgeted(clock, max_records=2)
+    batcher.add("a", 1)
+    batcher.take()
+    batcher.add("b", 1)
+    batcher.add("c", 1)
+
+    assert batcher.due is True
+
+
+def test_no_budget_leaves_the_linger(clock):
+    batcher = budgeted(clock, max_runs_per_second=0)
+    batcher.add("a", 1)
+
+    assert batcher.due is False
+    assert batcher.seconds_left() == pytest.approx(1.0)
