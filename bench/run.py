@@ -32,6 +32,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from bench import stages
 from bench.records import order, record
 from consumers.publisher import Publisher
 from ingest.waiting import TimedOut, poll
@@ -58,6 +59,7 @@ PIPELINES = """
 [pipelines.bench_latency]
 sink_table = "bench_latency"
 backfill_cron = ""
+{latency_batch}
 
 [pipelines.bench_chunk]
 granularity = "chunk"
@@ -66,6 +68,7 @@ sink_table = "bench_chunk"
 backfill_cron = ""
 [pipelines.bench_chunk.batch]
 max_records = {chunk_batch}
+max_runs_per_second = 0
 max_bytes = 16777216
 max_linger_ms = {chunk_linger_ms}
 max_idle_ms = {chunk_idle_ms}
@@ -83,6 +86,7 @@ row = "tasks.orders:OrderRow"
 key = ["order_id"]
 [pipelines.bench_orders.batch]
 max_records = {chunk_batch}
+max_runs_per_second = 0
 max_bytes = 16777216
 max_linger_ms = {chunk_linger_ms}
 max_idle_ms = {chunk_idle_ms}
@@ -289,12 +293,17 @@ def bench_record(stack: SupervisedStack, database_url: str, count: int) -> dict:
             "events_dropped": dropped_events(stack) - dropped_before}
 
 
-def bench_latency(database_url: str, pipeline: str, rate: float, seconds: float) -> dict:
+def bench_latency(database_url: str, pipeline: str, rate: float, seconds: float, api_url: str | None = None) -> dict:
+    """Publish-to-stored percentiles at `rate`; with `api_url`, also where the time went (bench/stages.py)."""
     source = f"latency-{uuid.uuid4().hex[:6]}"
     count = asyncio.run(publish_at_rate(pipeline, source, rate, seconds))
     wait_stored(database_url, pipeline, source, count, 600)
-    return {**percentiles(latencies_ms(database_url, pipeline, source)), "rate": round(rate, 1), "seconds": seconds,
-            "pipeline": pipeline}
+    result = {**percentiles(latencies_ms(database_url, pipeline, source)), "rate": round(rate, 1),
+              "seconds": seconds, "pipeline": pipeline}
+    if api_url:
+        time.sleep(3)  # the last runs' Completed states and logs reach the server
+        result["where"] = stages.measure(database_url, api_url, pipeline, source)
+    return result
 
 
 def bench_ceiling(stack: SupervisedStack, count: int, window: bool = True) -> dict:
@@ -411,6 +420,8 @@ def print_table(results: dict) -> None:
         f"  {'half of chunk_rps, chunk':<26}{lat['half_load']['p50_ms']:>8}{lat['half_load']['p95_ms']:>8}"
         f"{lat['half_load']['p99_ms']:>8}  {lat['half_load']['rate']}/s",
         "",
+        *stages.table_lines(lat["where"]),
+        "",
         f"peak RSS: consumer {mem['consumer_peak_rss_mb']} MB, flow-run process {mem['flow_run_peak_rss_mb']} MB",
     ]
     if "scale_out" in results:
@@ -440,9 +451,11 @@ def main() -> int:
     parser.add_argument("--chunk-idle-ms", type=int, default=2000, help="max_idle_ms of the chunk pipeline")
     parser.add_argument("--record-linger-ms", type=int, default=1000, help="max_linger_ms of the record pipeline")
     parser.add_argument("--skip-scale-out", action="store_true", help="skip the 2 consumers + 2 workers run")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the low-rate latency run and its stages; prints them, writes no results")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args()
-    pipelines = PIPELINES.format(chunk_batch=args.chunk_batch, chunk_linger_ms=args.chunk_linger_ms,
+    pipelines = PIPELINES.format(latency_batch=os.environ.get("BENCH_LATENCY_BATCH", ""), chunk_batch=args.chunk_batch, chunk_linger_ms=args.chunk_linger_ms,
                                  chunk_idle_ms=args.chunk_idle_ms,
                                  record_batch=args.record_batch, record_linger_ms=args.record_linger_ms)
 
@@ -453,16 +466,21 @@ def main() -> int:
         "config": {k: v for k, v in vars(args).items() if k != "output"},
     }
     try:
-        log(f"bare consumer: {args.records} records")
-        bare_rps = bench_bare(ingest_db, args.records)
-        log(f"bare_rps {bare_rps:.0f}")
+        if not args.latency_only:
+            log(f"bare consumer: {args.records} records")
+            bare_rps = bench_bare(ingest_db, args.records)
+            log(f"bare_rps {bare_rps:.0f}")
         with PeakMemory() as memory:
             # Latency first, on a quiet stack: after thousands of task runs the Prefect server
             # spends a minute or more writing their events, and every run waits for it.
             with stack(home, ingest_db, prefect_db, pipelines, consumers=1, workers=1) as running:
                 log(f"latency at {args.rate}/s for {args.seconds:.0f}s")
-                low = bench_latency(ingest_db, "bench_latency", args.rate, args.seconds)
-                log(f"low-rate latency {low}; chunk granularity: {args.records} records")
+                low = bench_latency(ingest_db, "bench_latency", args.rate, args.seconds, running.api_url)
+                log(f"low-rate latency {low}")
+                if args.latency_only:
+                    print("\n".join(stages.table_lines(low["where"])))
+                    return 0
+                log(f"chunk granularity: {args.records} records")
                 chunk_rps = bench_through(ingest_db, "bench_chunk", args.records)
                 log(f"chunk_rps {chunk_rps:.0f}; the orders pipeline's steps: {args.records} records")
                 chunk_steps_rps = bench_through(ingest_db, "bench_orders", args.records, order)
