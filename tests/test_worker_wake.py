@@ -28,7 +28,8 @@ def stored(stack, pipeline, source: str) -> int:
 
 
 def test_a_worker_that_hardly_polls_is_woken_for_each_new_run_even_after_losing_its_connection(stack):
-    pipeline = stack.pipeline("main")
+    pipeline = stack.pipeline("wake")
+    stack.start_consumer("consumer-wake", pipeline)
     stack.processes["worker"].stop()
     try:
         worker = stack.start("worker-wake", "worker", env={"INGEST_WORKER_POLL_SECONDS": str(POLL_SECONDS)})
@@ -52,5 +53,7 @@ def test_a_worker_that_hardly_polls_is_woken_for_each_new_run_even_after_losing_
         assert "listening for new flow runs again" in log, log[-3000:]
         assert "Duplicate submission" not in log, log[-3000:]
     finally:
-        stack.processes["worker-wake"].stop()
+        for name in ("worker-wake", "consumer-wake"):
+            if name in stack.processes:
+                stack.processes[name].stop()
         stack.start("worker", "worker")
