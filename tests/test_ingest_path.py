@@ -198,6 +198,24 @@ def test_the_end_of_a_burst_is_committed_once_nothing_more_arrives(stack):
     assert stack.scalar("SELECT count(DISTINCT batch_id) FROM inbox WHERE source = %s", (source,)) == 1
 
 
+def test_a_lone_record_is_committed_at_once_and_the_next_batch_waits_for_the_budget(stack):
+    """With max_runs_per_second a record that finds the budget unspent does not wait out
+    its linger (10 minutes here); the batch after it goes no sooner than 1/budget later."""
+    pipeline = stack.pipeline("trickle")
+    source = f"trickle-{uuid.uuid4().hex[:8]}"
+    stored = f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s"
+    stack.publish(pipeline.name, [message(orjson.dumps(envelope(source, 0, T0, 1)), f"{source}-0")])
+    wait_for(lambda: stack.scalar(stored, (source,)) == 1, 60, "the lone record stored before its linger", stack)
+    stack.publish(pipeline.name, [message(orjson.dumps(envelope(source, i, T0, 1)), f"{source}-{i}")
+                                  for i in (1, 2)])
+    wait_for(lambda: stack.scalar(stored, (source,)) == 3, 60, "the next records stored before their linger", stack)
+    gaps = stack.scalar(
+        "SELECT array_agg(extract(epoch FROM created_at) ORDER BY created_at) FROM batches "
+        "WHERE batch_id IN (SELECT batch_id FROM inbox WHERE source = %s)", (source,))
+    assert len(gaps) >= 2
+    assert all(later - earlier >= 0.99 for earlier, later in zip(gaps, gaps[1:])), gaps
+
+
 def test_every_record_of_a_burst_has_its_task_run_in_prefect(stack):
     """`record` granularity promises one task run per record in the UI; a burst must not lose any.
 
