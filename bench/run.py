@@ -258,11 +258,21 @@ def stack(home: Path, ingest_db: str, prefect_db: str, pipelines: str, consumers
                            consumers, workers, inherit=TUNABLES)
 
 
-def bench_through(database_url: str, pipeline: str, count: int, make=record) -> float:
+def bench_through(database_url: str, pipeline: str, count: int, make=record, batches: list | None = None) -> float:
+    """Records/s, first publish to last row stored; with `batches`, appends the sizes of the batches made."""
     source = f"{pipeline}-{uuid.uuid4().hex[:6]}"
     started = asyncio.run(publish_burst(pipeline, source, count, make))
     last = wait_stored(database_url, pipeline, source, count, 900)
+    if batches is not None:
+        batches.append(batch_sizes(database_url, source))
     return count / (last - started)
+
+
+def batch_sizes(database_url: str, source: str) -> list[int]:
+    """The records of each batch (each a flow run) that `source`'s records came in, largest first."""
+    with psycopg.connect(database_url) as conn:
+        return [n for (n,) in conn.execute("SELECT count(*) FROM inbox WHERE source = %s GROUP BY batch_id "
+                                           "ORDER BY 1 DESC", (source,))]
 
 
 def wait_recorded(api_url: str, flow_runs: dict, count: int, started: float) -> dict:
@@ -519,14 +529,17 @@ def main() -> int:
             # only the process counts differ; alternated twice, since two runs of one setup
             # differ by up to 10% here, and each figure is the mean of its two.
             scale: dict[int, list[float]] = {1: [], 2: []}
+            batches: dict[int, list[list[int]]] = {1: [], 2: []}
             for each in (1, 2, 1, 2):
                 with stack(home, ingest_db, prefect_db, pipelines, consumers=each, workers=each):
                     log(f"scale-out: chunk granularity, {args.records} records, {each} consumer(s) + {each} worker(s)")
-                    scale[each].append(bench_through(ingest_db, "bench_chunk", args.records))
+                    scale[each].append(bench_through(ingest_db, "bench_chunk", args.records, batches=batches[each]))
+                    log(f"{scale[each][-1]:.0f} records/s, batches of {batches[each][-1]}")
             one, two = statistics.mean(scale[1]), statistics.mean(scale[2])
             results["scale_out"] = {"one_each_rps": round(one, 1), "two_each_rps": round(two, 1),
                                     "ratio": round(two / one, 3),
-                                    "runs": {str(each): [round(rps, 1) for rps in runs] for each, runs in scale.items()}}
+                                    "runs": {str(each): [round(rps, 1) for rps in runs] for each, runs in scale.items()},
+                                    "batches": {str(each): sizes for each, sizes in batches.items()}}
         results["targets"] = {name: {"value": value, "target": target, "met": met}
                               for name, value, target, met in targets(results)}
     finally:
