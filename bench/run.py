@@ -8,7 +8,7 @@ Throughput is first publish to last row stored, read from the sink's `ingested_a
 (PostgreSQL's clock, the same host's), so polling does not blur it.
 
 Then the peers (bench/peers.py): Prefect background tasks, and a flow run per record, on the
-same server. Writes bench/results.json and prints a table. Takes 30 to 40 minutes.
+same server. Writes bench/results.json and prints a table. Takes 15 minutes on a quiet machine, up to 40 on a busy one.
 """
 
 from __future__ import annotations
