@@ -395,7 +395,7 @@ def targets(results: dict) -> list[tuple[str, float, str, bool]]:
     ]
     if "scale_out" in results:
         s = results["scale_out"]
-        rows.append(("2x2 / 1x1 chunk throughput", round(s["ratio"], 2), ">= 0.95", s["ratio"] >= 0.95))
+        rows.append(("2x2 / 1x1 chunk throughput", round(s["ratio"], 3), ">= 0.95", s["ratio"] >= 0.95))
     return rows
 
 
