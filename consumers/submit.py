@@ -120,7 +120,7 @@ class Submitter:
                 await inbox.defer_batch(conn, batch_id, error, delay)
             return
         async with self.pool.connection() as conn:
-            since_commit = await inbox.mark_submitted(conn, batch_id, flow_run_id, self.settings.work_pool)
+            since_commit = await inbox.mark_submitted(conn, batch_id, flow_run_id)
         metrics.BATCHES_SUBMITTED.labels(pipeline).inc()
         if since_commit is not None:
             metrics.COMMIT_TO_FLOW_RUN.labels(pipeline).observe(since_commit)

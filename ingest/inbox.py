@@ -164,30 +164,18 @@ async def claim_due_batches(
     return await cur.fetchall()
 
 
-# Workers LISTEN on this channel (flows/worker.py): a NOTIFY, payload the work pool, says that
-# pool has a new flow run, so its workers look for it at once instead of at their next poll.
-FLOW_RUN_CREATED_CHANNEL = "ingest_flow_run_created"
-
-# A batch is submitted once its flow run exists (by a consumer, or by its backfill run). The
-# NOTIFY goes in the same statement, so it costs no round trip, and is only sent on commit.
-MARK_SUBMITTED = f"""
-WITH submitted AS (
-    UPDATE batches SET status = 'submitted', flow_run_id = %(flow_run_id)s, submitted_at = now(),
-           attempts = attempts + 1, last_error = NULL
-    WHERE batch_id = %(batch_id)s AND status = 'pending'
-    RETURNING created_at
-)
-SELECT extract(epoch FROM now() - created_at), pg_notify('{FLOW_RUN_CREATED_CHANNEL}', %(work_pool)s)::text
-FROM submitted
+# A batch is submitted once its flow run exists (by a consumer, or by its backfill run).
+MARK_SUBMITTED = """
+UPDATE batches SET status = 'submitted', flow_run_id = %(flow_run_id)s, submitted_at = now(),
+       attempts = attempts + 1, last_error = NULL
+WHERE batch_id = %(batch_id)s AND status = 'pending'
+RETURNING extract(epoch FROM now() - created_at)
 """
 
 
-async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run_id: UUID,
-                         work_pool: str) -> float | None:
-    """Record the batch's flow run and wake the workers of its work pool; return the seconds
-    since its commit (None if it was submitted already: its run was announced then)."""
-    row = await (await conn.execute(
-        MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": flow_run_id, "work_pool": work_pool})).fetchone()
+async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run_id: UUID) -> float | None:
+    """Record the batch's flow run; return the seconds since its commit (None if it was submitted already)."""
+    row = await (await conn.execute(MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": flow_run_id})).fetchone()
     return None if row is None else float(row[0])
 
 

@@ -125,10 +125,8 @@ class Settings(BaseSettings):
         "the size limit, the bound also makes its batches' size."
     )
     worker_poll_seconds: float = Field(
-        2.0, gt=0, description="How often the Prefect worker polls for scheduled runs, each poll one query on the "
-        "Prefect server. The fallback only: a worker learns of the runs consumers create at once, by a PostgreSQL "
-        "NOTIFY (flows/worker.py); polling finds the others (replays, schedules, the UI), and all of them while "
-        "its listener is disconnected."
+        0.5, gt=0, description="How often the Prefect worker polls for scheduled runs: half of it is the "
+        "average wait of a new flow run; each poll is one query on the Prefect server."
     )
     submit_timeout_seconds: float = Field(
         10.0, gt=0, description="Time limit for one flow-run creation call to Prefect."
