@@ -44,7 +44,7 @@ from tests.fixtures.supervised import SupervisedStack
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_CONCURRENCY = 500
 # Settings the stack takes from our environment, to compare runs with and without them.
-TUNABLES = ("INGEST_WORKER_POLL_SECONDS", "INGEST_WARM_FLOW_RUNS")
+TUNABLES = ("INGEST_WORKER_POLL_SECONDS", "INGEST_WARM_FLOW_RUNS", "INGEST_EARLY_FLOW_RUNS")
 
 # bench_latency is a pipeline with the shipped defaults (batches of 1,000 records or 1 s,
 # at most 1 a second). bench_chunk has the throughput settings of the README's performance
@@ -62,7 +62,6 @@ PIPELINES = """
 [pipelines.bench_latency]
 sink_table = "bench_latency"
 backfill_cron = ""
-{latency_batch}
 
 [pipelines.bench_chunk]
 granularity = "chunk"
@@ -468,7 +467,7 @@ def main() -> int:
                         help="only the low-rate latency run and its stages; prints them, writes no results")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args()
-    pipelines = PIPELINES.format(latency_batch=os.environ.get("BENCH_LATENCY_BATCH", ""), chunk_batch=args.chunk_batch, chunk_linger_ms=args.chunk_linger_ms,
+    pipelines = PIPELINES.format(chunk_batch=args.chunk_batch, chunk_linger_ms=args.chunk_linger_ms,
                                  chunk_idle_ms=args.chunk_idle_ms,
                                  record_batch=args.record_batch, record_linger_ms=args.record_linger_ms)
 

@@ -3,7 +3,9 @@
 Order of effects per batch: commit (inbox + batch row) -> ack -> create flow run. A crash
 before the commit redelivers the messages; a crash after it leaves a pending batch that any
 consumer submits later; a redelivered message that is already in the inbox is acked and
-dropped by the dedup on its message key.
+dropped by the dedup on its message key. The flow run may also be created early, as the
+batch starts to fill (consumers/submit.py): it waits for the commit, and gives the batch up
+if the commit does not come.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, timezone
 from typing import TypeVar
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -33,7 +36,7 @@ from consumers.poison import PoisonGuard
 from consumers.submit import Submitter
 from consumers.topology import declare_topology
 from ingest.contract import InvalidMessage, decode, message_key
-from ingest.inbox import Accepted
+from ingest.inbox import Accepted, BatchIdTaken
 from ingest.pipelines import Pipeline
 from ingest.settings import Settings
 
@@ -46,6 +49,12 @@ CRASH_HEADER = os.environ.get("INGEST_TEST_CRASH_HEADER")
 
 T = TypeVar("T")
 
+# Early flow runs: only for batches that fill within this long at most (a run waiting for
+# its commit holds a worker's slot); each waits for its commit up to that time plus the
+# grace, which covers the commit itself and the previous batch's (one at a time).
+EARLY_RUN_MAX_FILL_SECONDS = 15.0
+EARLY_RUN_GRACE_SECONDS = 10.0
+
 class PipelineConsumer:
     """Consumes one pipeline's queue on its own channel; one batch commits at a time."""
 
@@ -55,6 +64,9 @@ class PipelineConsumer:
         self.batcher: Batcher[Entry] = Batcher(pipeline.batch)
         self.incoming: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self.committing: asyncio.Task | None = None
+        # The batch filling: its id, given when its first message joins, and its early run's creation.
+        self.batch_id: UUID | None = None
+        self.early_run: asyncio.Task | None = None
         self.credit = Credit(max_held_bytes, app.settings.max_message_bytes, pipeline.prefetch)
 
     async def start(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
@@ -145,7 +157,17 @@ class PipelineConsumer:
             if message.redelivered:
                 await self._retrying(f"message {key[:40]}: poison check", lambda: self.guard.leave(key))
         self.batcher.add((Accepted(key, record, message.body), message), len(message.body))
+        if len(self.batcher.items) == 1:
+            self._open_batch()
         return True
+
+    def _open_batch(self) -> None:
+        """A batch starts to fill: its id, and its flow run unless the batch may fill for long."""
+        self.batch_id = uuid4()
+        longest = self.pipeline.batch.longest_fill_seconds
+        if self.app.settings.early_flow_runs and longest <= EARLY_RUN_MAX_FILL_SECONDS:
+            deadline = datetime.now(timezone.utc) + timedelta(seconds=longest + EARLY_RUN_GRACE_SECONDS)
+            self.early_run = self.app.submitter.start_early(self.batch_id, self.pipeline.name, deadline)
 
     async def _return_poison(self, message: AbstractIncomingMessage, key: str) -> None:
         """Return it untouched: the broker dead-letters it once it reaches the delivery limit."""
@@ -162,15 +184,22 @@ class PipelineConsumer:
         # One commit at a time keeps the order of batches; the next one fills meanwhile.
         if self.committing:
             await asyncio.shield(self.committing)
-        self.committing = asyncio.create_task(self._commit(self.batcher.take()))
+        batch_id, early_run, self.batch_id, self.early_run = self.batch_id, self.early_run, None, None
+        self.committing = asyncio.create_task(self._commit(batch_id, early_run, self.batcher.take()))
 
-    async def _commit(self, taken: list[Entry]) -> None:
-        batch_id = uuid4()
+    async def _commit(self, batch_id: UUID, early_run: asyncio.Task | None, taken: list[Entry]) -> None:
         entries = self._on_live_channel(batch_id, taken)
         outcome: tuple[list[Entry], int] | Exception | None = None
         try:
             if entries:
-                outcome = await self.committer.commit(batch_id, entries)
+                try:
+                    outcome = await self.committer.commit(batch_id, entries)
+                except BatchIdTaken:  # rare: this commit came after the run's deadline
+                    renamed = uuid4()
+                    log.info("batch %s (%s): its early flow run gave it up before its commit; committed as batch %s",
+                             batch_id, self.pipeline.name, renamed)
+                    batch_id, early_run = renamed, None
+                    outcome = await self.committer.commit(batch_id, entries)
         except Exception as exc:
             outcome = exc
         finally:
@@ -186,9 +215,15 @@ class PipelineConsumer:
             for _, message in entries:
                 await give_back(message)
         elif outcome and outcome[0]:  # else all refused by PostgreSQL or in conflict: dead-lettered
-            await self._acknowledge(batch_id, *outcome)
+            if await self._acknowledge(batch_id, *outcome):
+                self.app.submitter.submit_soon(batch_id, self.pipeline.name, early=early_run)
+                return
+        if early_run is not None:
+            self.app.submitter.give_up_early(batch_id, self.pipeline.name, early_run,
+                                             "given up by its consumer: no new record to commit")
 
-    async def _acknowledge(self, batch_id, entries: list[Entry], inserted: int) -> None:
+    async def _acknowledge(self, batch_id, entries: list[Entry], inserted: int) -> bool:
+        """Ack the batch's messages; whether it holds new records (then it needs its flow run)."""
         # One ack for the batch: every delivery on this channel up to its last one is the
         # batch's, the ones between them were settled when they were handled.
         try:
@@ -201,7 +236,7 @@ class PipelineConsumer:
         if not inserted:
             log.info("%d message(s) of %s already in the inbox (redelivered or published again): acked",
                      len(entries), self.pipeline.name)
-            return
+            return False
         metrics.BATCHES_COMMITTED.labels(self.pipeline.name).inc()
         log.info(
             "batch %s (%s): %d records committed%s, messages %s..%s",
@@ -209,7 +244,7 @@ class PipelineConsumer:
             f", {duplicates} duplicate(s) dropped" if duplicates else "",
             entries[0][0].message_key[:24], entries[-1][0].message_key[:24],
         )
-        self.app.submitter.submit_soon(batch_id, self.pipeline.name)
+        return True
 
     def _on_live_channel(self, batch_id, entries: list[Entry]) -> list[Entry]:
         """The entries whose channel is still open: the others are the broker's again."""

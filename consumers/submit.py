@@ -5,6 +5,11 @@ A batch is submitted right after its commit; if Prefect is unreachable the batch
 whose consumer died before submitting is picked up by the sweep once its lease expires.
 The idempotency key is the batch id, so submitting twice still makes one flow run.
 
+A batch's run may also be created early, as the batch starts to fill (start_early): it then
+starts while the batch fills and waits for the commit (flows/ingest.py), so that a record
+waits for the batch or for the run's start, not for both. The same idempotency key makes
+it the run a later submission of the batch finds.
+
 A run can also be lost after its creation: a worker claims it (Pending) and dies before it
 starts it, and Prefect leaves it Pending for ever. The consumers schedule such runs again.
 """
@@ -81,10 +86,44 @@ class Submitter:
         if self.client:
             await self.client.__aexit__(None, None, None)
 
-    def submit_soon(self, batch_id: UUID, pipeline: str, attempts: int = 0) -> None:
-        task = asyncio.create_task(self._submit(batch_id, pipeline, attempts))
+    def submit_soon(self, batch_id: UUID, pipeline: str, attempts: int = 0,
+                    early: asyncio.Task | None = None) -> None:
+        """Submit a committed batch; `early`: its early run's creation (start_early), if any."""
+        self._track(self._submit(batch_id, pipeline, attempts, early))
+
+    def start_early(self, batch_id: UUID, pipeline: str, commit_deadline: datetime) -> asyncio.Task:
+        """Create the run of a batch that is still filling; the task gives its id, or None if
+        Prefect did not take it (the batch's submission after its commit then tries again)."""
+        async def create() -> UUID | None:
+            try:
+                return await asyncio.wait_for(self._create_run(batch_id, pipeline, commit_deadline),
+                                              self.settings.submit_timeout_seconds)
+            except Exception as exc:  # Prefect down or slow: the submission logs it, if the batch is committed
+                log.debug("batch %s (%s): early flow run not created: %s: %s", batch_id, pipeline,
+                          type(exc).__name__, exc)
+                return None
+        return self._track(create())
+
+    def give_up_early(self, batch_id: UUID, pipeline: str, early: asyncio.Task, reason: str) -> None:
+        """The batch will not be committed: let its early run, if it was created, end now
+        rather than at its deadline."""
+        async def give_up() -> None:
+            if (flow_run_id := await early) is None:
+                return
+            try:
+                async with self.pool.connection() as conn:
+                    await inbox.give_up_batch(conn, pipeline, batch_id, flow_run_id, reason)
+            except Exception as exc:  # the run gives it up itself at its deadline
+                log.warning("batch %s (%s): early flow run %s not told that the batch is given up (%s: %s); it "
+                            "ends at its deadline", batch_id, pipeline, flow_run_id, type(exc).__name__, exc)
+        self._track(give_up())
+
+    def _track(self, coroutine) -> asyncio.Task:
+        """A task that close() waits for."""
+        task = asyncio.create_task(coroutine)
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
+        return task
 
     async def _deployment_id(self, pipeline: str) -> UUID:
         if pipeline not in self.deployment_ids:
@@ -92,21 +131,26 @@ class Submitter:
             self.deployment_ids[pipeline] = deployment.id
         return self.deployment_ids[pipeline]
 
-    async def _create_run(self, batch_id: UUID, pipeline: str) -> UUID:
+    async def _create_run(self, batch_id: UUID, pipeline: str, commit_deadline: datetime | None = None) -> UUID:
         deployment_id = await self._deployment_id(pipeline)
+        parameters = {"pipeline": pipeline, "batch_id": str(batch_id)}
+        if commit_deadline is not None:
+            parameters["commit_deadline"] = commit_deadline.isoformat()
         run = await self.client.create_flow_run_from_deployment(
             deployment_id,
-            parameters={"pipeline": pipeline, "batch_id": str(batch_id)},
+            parameters=parameters,
             idempotency_key=str(batch_id),
             name=f"{pipeline}-{str(batch_id)[:8]}",
         )
         return run.id
 
-    async def _submit(self, batch_id: UUID, pipeline: str, attempts: int) -> None:
+    async def _submit(self, batch_id: UUID, pipeline: str, attempts: int, early: asyncio.Task | None = None) -> None:
         try:
-            flow_run_id = await asyncio.wait_for(
-                self._create_run(batch_id, pipeline), self.settings.submit_timeout_seconds
-            )
+            flow_run_id = await early if early else None
+            if flow_run_id is None:
+                flow_run_id = await asyncio.wait_for(
+                    self._create_run(batch_id, pipeline), self.settings.submit_timeout_seconds
+                )
         except Exception as exc:  # Prefect down, slow or misconfigured: the batch waits in PostgreSQL
             metrics.SUBMIT_FAILURES.labels(pipeline).inc()
             self.deployment_ids.pop(pipeline, None)

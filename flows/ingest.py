@@ -2,12 +2,17 @@
 
 Records travel through the inbox, never as parameters, so a retried run (UI "Retry",
 `prefect flow-run retry`) re-reads its batch and processes only what is not done.
+
+A run created before its batch's commit (an early run, consumers/submit.py) carries a
+`commit_deadline`: it waits for the commit until then, and gives the batch up after it
+(ingest/inbox.py, GIVE_UP_BATCH).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from datetime import datetime
 from uuid import UUID
 
 from prefect import flow, get_run_logger, runtime
@@ -57,13 +62,17 @@ TASK_RUNNER = ThreadPoolTaskRunner(max_workers=db.POOL_SIZE)
 
 
 @flow(name=INGEST_FLOW, persist_result=False, validate_parameters=True, task_runner=TASK_RUNNER)
-def ingest(pipeline: str, batch_id: UUID) -> State:
+def ingest(pipeline: str, batch_id: UUID, commit_deadline: datetime | None = None) -> State:
     logger = get_run_logger()
     settings = get_settings()
     config = load_pipeline(settings.pipelines_file, pipeline)
     program = load_program(config, settings.pipelines_file)
     run_id = runtime.flow_run.id
     with db.pool(settings.database_url).connection() as conn:
+        if commit_deadline is not None and not inbox.wait_for_commit(
+                conn, pipeline, batch_id, UUID(str(run_id)) if run_id else None, commit_deadline):
+            return Completed(message=f"batch {batch_id}: given up before its commit, nothing to do (its "
+                                     "records, if any, were committed in another batch)")
         records = inbox.load_unfinished(conn, pipeline, batch_id)
     if not records:
         return Completed(message=f"batch {batch_id}: every record already done")

@@ -7,8 +7,9 @@ Every write here is idempotent, so any step may be repeated after a crash.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from uuid import UUID
 
 import psycopg
@@ -67,9 +68,15 @@ PENDING_SINCE = "coalesce(requeued_at, received_at)"
 STUCK = f"status = 'pending' AND {PENDING_SINCE} < now() - make_interval(secs => %(stuck)s)"
 
 
+class BatchIdTaken(Exception):
+    """The batch's early flow run gave the batch up before its commit: commit it under another id."""
+
+
+# ON CONFLICT: the row of a batch given up by its early flow run (see GIVE_UP_BATCH).
 _INSERT_BATCH = """
 INSERT INTO batches (batch_id, pipeline, record_count, next_attempt_at)
 VALUES (%(batch_id)s, %(pipeline)s, 0, now() + make_interval(secs => %(lease)s))
+ON CONFLICT (batch_id) DO NOTHING
 """
 
 # unnest() makes the whole batch one statement; the body is cast by PostgreSQL itself so
@@ -117,7 +124,8 @@ async def write_batch(
         "hashes": [a.body_sha256 for a in accepted],
     }
     async with conn.transaction():
-        await conn.execute(_INSERT_BATCH, params)
+        if (await conn.execute(_INSERT_BATCH, params)).rowcount == 0:
+            raise BatchIdTaken(f"batch {batch_id} was given up by its early flow run")
         cur = await conn.execute(_INSERT_RECORDS, params)
         inserted = cur.rowcount
         conflicts = {}
@@ -130,6 +138,46 @@ async def write_batch(
         else:
             await conn.execute("DELETE FROM batches WHERE batch_id = %s", (batch_id,))
     return Written(inserted, conflicts)
+
+
+# Early flow runs (consumers/submit.py): a batch's run may be created as the batch starts
+# to fill, so that it starts meanwhile; it waits for the batch's commit until a deadline.
+# This row, of no records, ends the wait: the run writes it at its deadline, and the
+# consumer when the batch will not be committed (all of it duplicates, dead-lettered or
+# given back). Whichever of it and the batch's commit comes first wins on the primary key:
+# a run that gave its batch up never sees it committed later (write_batch raises
+# BatchIdTaken, and the consumer commits those records under another id).
+GIVE_UP_BATCH = """
+INSERT INTO batches (batch_id, pipeline, record_count, status, flow_run_id, submitted_at, last_error)
+VALUES (%(batch_id)s, %(pipeline)s, 0, 'submitted', %(flow_run_id)s, now(), %(reason)s)
+ON CONFLICT (batch_id) DO NOTHING
+"""
+
+
+def _give_up(pipeline: str, batch_id: UUID, flow_run_id: UUID | None, reason: str) -> dict:
+    return {"batch_id": batch_id, "pipeline": pipeline, "flow_run_id": flow_run_id, "reason": reason}
+
+
+async def give_up_batch(conn: psycopg.AsyncConnection, pipeline: str, batch_id: UUID, flow_run_id: UUID,
+                        reason: str) -> None:
+    """The consumer's side: its batch will not be committed, so its early run may end now."""
+    await conn.execute(GIVE_UP_BATCH, _give_up(pipeline, batch_id, flow_run_id, reason))
+
+
+def wait_for_commit(conn: psycopg.Connection, pipeline: str, batch_id: UUID, flow_run_id: UUID | None,
+                    deadline: datetime, interval: float = 0.02) -> bool:
+    """The early run's side: True once the batch is committed, False if it gave the batch up
+    (nothing committed by `deadline`, or the consumer's give-up row)."""
+    while True:
+        row = conn.execute("SELECT record_count FROM batches WHERE batch_id = %s", (batch_id,)).fetchone()
+        if row is not None:
+            return row[0] > 0
+        if datetime.now(timezone.utc) >= deadline:
+            reason = f"not committed by {deadline:%H:%M:%S} UTC, when its early flow run gave it up"
+            if conn.execute(GIVE_UP_BATCH, _give_up(pipeline, batch_id, flow_run_id, reason)).rowcount == 1:
+                return False
+        else:
+            time.sleep(interval)
 
 
 async def refusal(conn: psycopg.AsyncConnection, accepted: Accepted) -> str | None:

@@ -47,6 +47,12 @@ class Batching(_Strict):
         None, ge=1, description="Commit a batch early once no record has arrived for this long (default: off)."
     )
 
+    @property
+    def longest_fill_seconds(self) -> float:
+        """The longest a batch fills before it is due: its linger, or less with the budget."""
+        linger = self.max_linger_ms / 1000
+        return min(linger, 1 / self.max_runs_per_second) if self.max_runs_per_second > 0 else linger
+
 
 class Enrichment(_Strict):
     """An HTTP service each record is POSTed to; its JSON answer is stored beside the record."""

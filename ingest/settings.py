@@ -128,6 +128,11 @@ class Settings(BaseSettings):
         0.5, gt=0, description="How often the Prefect worker polls for scheduled runs: half of it is the "
         "average wait of a new flow run; each poll is one query on the Prefect server."
     )
+    early_flow_runs: bool = Field(
+        True, description="Create a batch's flow run as the batch starts to fill (if it fills within 15 s at "
+        "most), so that the run starts meanwhile and waits for the batch's commit: a record then waits for its "
+        "batch or for its run's start, not for both. Each such run holds a worker's slot while it waits."
+    )
     submit_timeout_seconds: float = Field(
         10.0, gt=0, description="Time limit for one flow-run creation call to Prefect."
     )

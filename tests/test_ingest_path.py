@@ -200,7 +200,8 @@ def test_the_end_of_a_burst_is_committed_once_nothing_more_arrives(stack):
 
 def test_a_lone_record_is_committed_at_once_and_the_next_batch_waits_for_the_budget(stack):
     """With max_runs_per_second a record that finds the budget unspent does not wait out
-    its linger (10 minutes here); the batch after it goes no sooner than 1/budget later."""
+    its linger (10 minutes here); the batch after it goes no sooner than 1/budget later, its
+    flow run started meanwhile."""
     pipeline = stack.pipeline("trickle")
     source = f"trickle-{uuid.uuid4().hex[:8]}"
     stored = f"SELECT count(*) FROM {pipeline.sink_table} WHERE source = %s"
@@ -214,6 +215,32 @@ def test_a_lone_record_is_committed_at_once_and_the_next_batch_waits_for_the_bud
         "WHERE batch_id IN (SELECT batch_id FROM inbox WHERE source = %s)", (source,))
     assert len(gaps) >= 2
     assert all(later - earlier >= 0.99 for earlier, later in zip(gaps, gaps[1:])), gaps
+
+    # The batch that waited for the budget had its flow run created, early, as it started to
+    # fill: the run waited for the commit instead of the record waiting for the run's start.
+    waited, run_id, committed = stack.query(
+        "SELECT batch_id, flow_run_id, extract(epoch FROM created_at)::float8 FROM batches "
+        "WHERE batch_id IN (SELECT batch_id FROM inbox WHERE source = %s) ORDER BY created_at DESC LIMIT 1",
+        (source,))[0]
+    run = httpx.get(f"{stack.api_url}/flow_runs/{run_id}", timeout=30).raise_for_status().json()
+    assert run["parameters"]["batch_id"] == str(waited) and "commit_deadline" in run["parameters"]
+    assert datetime.fromisoformat(run["created"]).timestamp() < committed - 0.3
+
+    # The same messages again: all duplicates, so the batch holds nothing new and its consumer
+    # gives it up; its early run ends at once rather than at its deadline (11 s).
+    stack.publish(pipeline.name, [message(orjson.dumps(envelope(source, i, T0, 1)), f"{source}-{i}")
+                                  for i in (1, 2)])
+
+    def given_up_run():
+        rows = stack.query("SELECT flow_run_id FROM batches WHERE pipeline = %s AND record_count = 0",
+                           (pipeline.name,))
+        runs = [httpx.get(f"{stack.api_url}/flow_runs/{r}", timeout=30).raise_for_status().json() for (r,) in rows]
+        return next((r for r in runs if r["state_type"] == "COMPLETED"), None)
+
+    given_up = wait_for(given_up_run, 60, "the duplicates' early run completed", stack)
+    assert "given up before its commit" in given_up["state"]["message"]
+    assert given_up["total_run_time"] < 5, given_up
+    assert stack.scalar(stored, (source,)) == 3
 
 
 def test_every_record_of_a_burst_has_its_task_run_in_prefect(stack):
