@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from datetime import datetime
 from uuid import UUID
 
+import psycopg
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_table_artifact
 from prefect.states import Completed, Failed, State
@@ -55,6 +57,21 @@ def _publish_failures(pipeline: str, batch_id: UUID, records: list[InboxRecord],
     )
 
 
+def _wait_for_commit(pipeline: str, batch_id: UUID, run_id: UUID | None, deadline: datetime, logger) -> bool:
+    """An early run's wait (inbox.wait_for_commit), through a restart of the database: the
+    consumer waits one out before it commits, so giving up here would leave its batch
+    committed under a run that failed."""
+    pool = db.pool(get_settings().database_url)
+    while True:
+        try:
+            with pool.connection() as conn:
+                return inbox.wait_for_commit(conn, pipeline, batch_id, run_id, deadline)
+        except psycopg.OperationalError as exc:
+            logger.warning("batch %s (%s): waiting for its commit, the database is unreachable (%s); "
+                           "trying again in 1 s", batch_id, pipeline, str(exc).strip())
+            time.sleep(1)
+
+
 # Prefect's default runner starts a thread per task submitted and not yet running: a
 # thousand for a batch in `record` granularity, all but a few waiting for a connection and
 # all contending for the GIL. One thread per pooled connection does the same work faster.
@@ -68,11 +85,11 @@ def ingest(pipeline: str, batch_id: UUID, commit_deadline: datetime | None = Non
     config = load_pipeline(settings.pipelines_file, pipeline)
     program = load_program(config, settings.pipelines_file)
     run_id = runtime.flow_run.id
+    if commit_deadline is not None and not _wait_for_commit(
+            pipeline, batch_id, UUID(str(run_id)) if run_id else None, commit_deadline, logger):
+        return Completed(message=f"batch {batch_id}: given up before its commit, nothing to do (its "
+                                 "records, if any, were committed in another batch)")
     with db.pool(settings.database_url).connection() as conn:
-        if commit_deadline is not None and not inbox.wait_for_commit(
-                conn, pipeline, batch_id, UUID(str(run_id)) if run_id else None, commit_deadline):
-            return Completed(message=f"batch {batch_id}: given up before its commit, nothing to do (its "
-                                     "records, if any, were committed in another batch)")
         records = inbox.load_unfinished(conn, pipeline, batch_id)
     if not records:
         return Completed(message=f"batch {batch_id}: every record already done")

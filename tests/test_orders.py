@@ -84,7 +84,7 @@ def test_orders_land_in_their_typed_table_exactly_once(stack, enrichment_service
                                                           set(by_status["failed"]) - refused - lookups}
     assert all(by_status["failed"][r].startswith("rejected by step order: currency 'XYZ'") for r in refused)
     assert all(by_status["failed"][r].startswith("rejected by step customer: failed after 4 attempts: HTTP 503")
-               for r in lookups)
+               for r in lookups), {r: by_status["failed"][r] for r in lookups}
     # Malformed messages never reached Prefect: they are in the DLQ.
     assert sum(1 for m in stack.dead_letters(pipeline) if (m.message_id or "").startswith(f"{source}-m")) == MALFORMED
 

@@ -231,3 +231,22 @@ def test_no_budget_leaves_the_linger(clock):
 
     assert batcher.due is False
     assert batcher.seconds_left() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("limits", "longest"), [
+    ({"max_linger_ms": 1000, "max_runs_per_second": 1}, 1.0),
+    ({"max_linger_ms": 600_000, "max_runs_per_second": 4}, 0.25),
+    ({"max_linger_ms": 500, "max_runs_per_second": 0.5}, 0.5),
+    ({"max_linger_ms": 12_000, "max_runs_per_second": 0, "max_idle_ms": 500}, 12.0),
+])
+def test_the_longest_a_batch_fills_bounds_every_wait_the_batcher_computes(clock, limits, longest):
+    """What an early flow run's deadline is made of (consumers/consumer.py)."""
+    batching = Batching(**limits)
+    assert batching.longest_fill_seconds == pytest.approx(longest)
+    batcher = Batcher(batching, clock=clock)
+    batcher.add("a", 1)
+    assert batcher.seconds_left() <= longest
+    batcher.take()
+    clock.now += 0.01
+    batcher.add("b", 1)
+    assert batcher.seconds_left() <= longest
