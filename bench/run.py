@@ -44,7 +44,7 @@ from tests.fixtures.supervised import SupervisedStack
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_CONCURRENCY = 500
 # Settings the stack takes from our environment, to compare runs with and without them.
-TUNABLES = ("INGEST_WORKER_POLL_SECONDS", "INGEST_WARM_FLOW_RUNS", "INGEST_EARLY_FLOW_RUNS")
+TUNABLES = ("INGEST_WORKER_POLL_SECONDS", "INGEST_WARM_FLOW_RUNS", "INGEST_EARLY_FLOW_RUNS", "INGEST_WORKER_FLOW_RUNS")
 
 # bench_latency is a pipeline with the shipped defaults (batches of 1,000 records or 1 s,
 # at most 1 a second). bench_chunk has the throughput settings of the README's performance

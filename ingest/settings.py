@@ -91,7 +91,11 @@ class Settings(BaseSettings):
         "`ingest up` starts only their programs and bootstrap steps; `ingest health` checks what they need.",
     )
     work_pool: str = Field("ingest", description="Prefect process work pool the deployments run on.")
-    consumers: int = Field(2, ge=1, description="Consumer processes started by `ingest up`.")
+    # Each consumer process has its own budget of runs per pipeline (max_runs_per_second):
+    # two at 20 records/s made 2 runs a second, a whole 2-core machine, and records waited
+    # 6 to 8 s for a worker's slot. More processes add throughput only with more cores.
+    consumers: int = Field(1, ge=1, description="Consumer processes started by `ingest up`; each makes up to "
+                           "max_runs_per_second flow runs of each pipeline: add them with cores.")
     warm_flow_runs: bool = Field(
         True,
         description="Fork flow-run processes from a process that has imported Prefect and the flows "
