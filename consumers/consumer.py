@@ -49,10 +49,12 @@ CRASH_HEADER = os.environ.get("INGEST_TEST_CRASH_HEADER")
 
 T = TypeVar("T")
 
-# Early flow runs: only for batches that fill within this long at most (a run waiting for
-# its commit holds a worker's slot); each waits for its commit up to that time plus the
-# grace, which covers the commit itself and the previous batch's (one at a time).
-EARLY_RUN_MAX_FILL_SECONDS = 15.0
+# Early flow runs: only for batches that fill within this long at most (the shipped 1 s
+# does): a run waiting for its commit holds a worker's slot, and a few pipelines that
+# linger long would hold them all while committed batches wait. Each waits for its commit
+# up to that time plus the grace, which covers the commit itself and the previous batch's
+# (one at a time).
+EARLY_RUN_MAX_FILL_SECONDS = 5.0
 EARLY_RUN_GRACE_SECONDS = 10.0
 
 class PipelineConsumer:

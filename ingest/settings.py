@@ -133,7 +133,7 @@ class Settings(BaseSettings):
         "average wait of a new flow run; each poll is one query on the Prefect server."
     )
     early_flow_runs: bool = Field(
-        True, description="Create a batch's flow run as the batch starts to fill (if it fills within 15 s at "
+        True, description="Create a batch's flow run as the batch starts to fill (if it fills within 5 s at "
         "most), so that the run starts meanwhile and waits for the batch's commit: a record then waits for its "
         "batch or for its run's start, not for both. Each such run holds a worker's slot while it waits."
     )
