@@ -90,6 +90,7 @@ class Deployment:
         it the gateway address the services listen on, only once a container joins."""
         self.podman.create_network()
         self.podman.run("anchor", self.image, address("anchor"), {}, entrypoint=["sleep", "infinity"])
+        self.podman.pin_bridge_address()
 
     def start_services(self) -> None:
         gateway, subnet = self.podman.gateway, self.podman.subnet

@@ -66,6 +66,22 @@ class Podman:
         self("network", "create", "--internal", "--subnet", self.subnet, "--gateway", self.gateway, self.prefix)
         self.network = self.prefix
 
+    def pin_bridge_address(self) -> None:
+        """Fix the MAC address of the network's bridge (once a container has made it).
+
+        A Linux bridge whose address was never set takes the lowest of its ports', so it
+        changes as containers join and leave (netavark 1.4 does not set it). The containers
+        still hold the old one for the gateway in their ARP caches, and what they send to
+        the gateway (the database, the broker, nginx) is lost until those entries expire:
+        `make image-test` saw the server's database calls time out for 30 s and more as the
+        other hosts stopped, at random, since it depends on which port had the lowest MAC.
+        Docker sets a bridge's address; this does the same.
+        """
+        bridge = self("network", "inspect", "--format", "{{.NetworkInterface}}", self.prefix).stdout.strip()
+        address = Path(f"/sys/class/net/{bridge}/address").read_text().strip()
+        ip = shutil.which("ip", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") or "ip"
+        subprocess.run([ip, "link", "set", "dev", bridge, "address", address], check=True, capture_output=True)
+
     def run(self, host: str, image: str, address: int, env: dict[str, str], volumes: tuple[str, ...] = (),
             hosts: dict[str, str] | None = None, entrypoint: list[str] | None = None) -> str:
         """Start host `host` (its hostname) from `image`, detached, at `.address` of the subnet."""
