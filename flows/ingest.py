@@ -57,11 +57,12 @@ def _publish_failures(pipeline: str, batch_id: UUID, records: list[InboxRecord],
     )
 
 
-def _wait_for_commit(pipeline: str, batch_id: UUID, run_id: UUID | None, deadline: datetime, logger) -> bool:
+def _wait_for_commit(database_url: str, pipeline: str, batch_id: UUID, run_id: UUID | None, deadline: datetime,
+                     logger) -> bool:
     """An early run's wait (inbox.wait_for_commit), through a restart of the database: the
     consumer waits one out before it commits, so giving up here would leave its batch
     committed under a run that failed."""
-    pool = db.pool(get_settings().database_url)
+    pool = db.pool(database_url)
     while True:
         try:
             with pool.connection() as conn:
@@ -85,8 +86,9 @@ def ingest(pipeline: str, batch_id: UUID, commit_deadline: datetime | None = Non
     config = load_pipeline(settings.pipelines_file, pipeline)
     program = load_program(config, settings.pipelines_file)
     run_id = runtime.flow_run.id
+    flow_run_id = UUID(str(run_id)) if run_id else None
     if commit_deadline is not None and not _wait_for_commit(
-            pipeline, batch_id, UUID(str(run_id)) if run_id else None, commit_deadline, logger):
+            settings.database_url, pipeline, batch_id, flow_run_id, commit_deadline, logger):
         return Completed(message=f"batch {batch_id}: given up before its commit, nothing to do (its "
                                  "records, if any, were committed in another batch)")
     with db.pool(settings.database_url).connection() as conn:
@@ -102,7 +104,7 @@ def ingest(pipeline: str, batch_id: UUID, commit_deadline: datetime | None = Non
         run = run_records
     else:
         run = run_chunks
-    settled = run(program, records, UUID(str(run_id)) if run_id else None, _error_of)
+    settled = run(program, records, flow_run_id, _error_of)
     failures = settled.failures
     with db.pool(settings.database_url).connection() as conn:
         inbox.mark_failed(conn, pipeline, failures, run_id)
