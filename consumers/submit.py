@@ -96,12 +96,19 @@ class Submitter:
         Prefect did not take it (the batch's submission after its commit then tries again)."""
         async def create() -> UUID | None:
             try:
-                return await asyncio.wait_for(self._create_run(batch_id, pipeline, commit_deadline),
-                                              self.settings.submit_timeout_seconds)
+                flow_run_id = await asyncio.wait_for(self._create_run(batch_id, pipeline, commit_deadline),
+                                                     self.settings.submit_timeout_seconds)
             except Exception as exc:  # Prefect down or slow: the submission logs it, if the batch is committed
                 log.debug("batch %s (%s): early flow run not created: %s: %s", batch_id, pipeline,
                           type(exc).__name__, exc)
                 return None
+            try:
+                async with self.pool.connection() as conn:
+                    await inbox.announce_flow_run(conn, self.settings.work_pool)
+            except Exception as exc:  # the database down: a worker's poll finds the run
+                log.debug("batch %s (%s): early flow run %s not announced: %s: %s", batch_id, pipeline,
+                          flow_run_id, type(exc).__name__, exc)
+            return flow_run_id
         return self._track(create())
 
     def give_up_early(self, batch_id: UUID, pipeline: str, early: asyncio.Task, reason: str) -> None:
@@ -146,7 +153,7 @@ class Submitter:
 
     async def _submit(self, batch_id: UUID, pipeline: str, attempts: int, early: asyncio.Task | None = None) -> None:
         try:
-            flow_run_id = await early if early else None
+            flow_run_id = early_run_id = await early if early else None
             if flow_run_id is None:
                 flow_run_id = await asyncio.wait_for(
                     self._create_run(batch_id, pipeline), self.settings.submit_timeout_seconds
@@ -164,7 +171,8 @@ class Submitter:
                 await inbox.defer_batch(conn, batch_id, error, delay)
             return
         async with self.pool.connection() as conn:
-            since_commit = await inbox.mark_submitted(conn, batch_id, flow_run_id)
+            since_commit = await inbox.mark_submitted(conn, batch_id, flow_run_id, self.settings.work_pool,
+                                                      announce=early_run_id is None)
         metrics.BATCHES_SUBMITTED.labels(pipeline).inc()
         if since_commit is not None:
             metrics.COMMIT_TO_FLOW_RUN.labels(pipeline).observe(since_commit)

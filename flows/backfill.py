@@ -86,7 +86,8 @@ def backfill(
                     tags=["backfill"],
                 )
                 with db.pool(settings.database_url).connection() as conn:
-                    conn.execute(inbox.MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": run.id})
+                    conn.execute(inbox.MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": run.id,
+                                                      "work_pool": settings.work_pool, "announce": True})
                 running[run.id] = batch_id
             return not running
 

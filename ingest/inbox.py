@@ -212,19 +212,42 @@ async def claim_due_batches(
     return await cur.fetchall()
 
 
-# A batch is submitted once its flow run exists (by a consumer, or by its backfill run).
-MARK_SUBMITTED = """
-UPDATE batches SET status = 'submitted', flow_run_id = %(flow_run_id)s, submitted_at = now(),
-       attempts = attempts + 1, last_error = NULL
-WHERE batch_id = %(batch_id)s AND status = 'pending'
-RETURNING extract(epoch FROM now() - created_at)
+# Workers LISTEN on this channel (flows/worker.py): a NOTIFY, payload the work pool, says that
+# pool has a new flow run, so its workers look for it at once instead of at their next poll.
+FLOW_RUN_CREATED_CHANNEL = "ingest_flow_run_created"
+
+# Announces a new flow run of a work pool to its workers; sent only on commit.
+_ANNOUNCE = f"pg_notify('{FLOW_RUN_CREATED_CHANNEL}', %(work_pool)s)::text"
+ANNOUNCE_FLOW_RUN = f"SELECT {_ANNOUNCE}"
+
+# A batch is submitted once its flow run exists (by a consumer, or by its backfill run). The
+# NOTIFY goes in the same statement, so it costs no round trip; a run created early was
+# announced when it was created (announce_flow_run), so its workers need not look again.
+MARK_SUBMITTED = f"""
+WITH submitted AS (
+    UPDATE batches SET status = 'submitted', flow_run_id = %(flow_run_id)s, submitted_at = now(),
+           attempts = attempts + 1, last_error = NULL
+    WHERE batch_id = %(batch_id)s AND status = 'pending'
+    RETURNING created_at
+)
+SELECT extract(epoch FROM now() - created_at), CASE WHEN %(announce)s THEN {_ANNOUNCE} END
+FROM submitted
 """
 
 
-async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run_id: UUID) -> float | None:
-    """Record the batch's flow run; return the seconds since its commit (None if it was submitted already)."""
-    row = await (await conn.execute(MARK_SUBMITTED, {"batch_id": batch_id, "flow_run_id": flow_run_id})).fetchone()
+async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run_id: UUID,
+                         work_pool: str, announce: bool = True) -> float | None:
+    """Record the batch's flow run and (`announce`) wake the workers of its work pool; return
+    the seconds since its commit (None if it was submitted already: its run was announced then)."""
+    row = await (await conn.execute(MARK_SUBMITTED, {
+        "batch_id": batch_id, "flow_run_id": flow_run_id, "work_pool": work_pool, "announce": announce,
+    })).fetchone()
     return None if row is None else float(row[0])
+
+
+async def announce_flow_run(conn: psycopg.AsyncConnection, work_pool: str) -> None:
+    """Wake the workers of `work_pool`: it has a new flow run (one created before its batch's commit)."""
+    await conn.execute(ANNOUNCE_FLOW_RUN, {"work_pool": work_pool})
 
 
 async def backlog(conn: psycopg.AsyncConnection, pipelines: list[str]) -> dict[str, tuple[int, float]]:

@@ -129,8 +129,10 @@ class Settings(BaseSettings):
         "the size limit, the bound also makes its batches' size."
     )
     worker_poll_seconds: float = Field(
-        0.5, gt=0, description="How often the Prefect worker polls for scheduled runs: half of it is the "
-        "average wait of a new flow run; each poll is one query on the Prefect server."
+        2.0, gt=0, description="How often the Prefect worker polls for scheduled runs, each poll one query on the "
+        "Prefect server. The fallback only: a worker learns of the runs consumers create at once, by a PostgreSQL "
+        "NOTIFY (flows/worker.py); polling finds the others (replays, schedules, the UI), and all of them while "
+        "its listener is disconnected."
     )
     early_flow_runs: bool = Field(
         True, description="Create a batch's flow run as the batch starts to fill (if it fills within 5 s at "

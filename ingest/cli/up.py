@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -58,7 +59,7 @@ def server() -> None:
 def worker() -> None:
     """Run a Prefect worker on the process work pool (a program of supervisord.conf)."""
     setup_logging()
-    exec_prefect_worker(get_settings())
+    run_prefect_worker(get_settings())
 
 
 def consumer(pipeline: PipelineOption = None) -> None:
@@ -155,11 +156,11 @@ def exec_prefect_server(settings: Settings) -> None:
                               "--host", settings.prefect_bind_host, "--port", str(settings.prefect_port)])
 
 
-def exec_prefect_worker(settings: Settings) -> None:
+def run_prefect_worker(settings: Settings) -> None:
     from flows import forkserver
 
     # On another host than the server, or started beside it: its pool exists once the server's
-    # bootstrap made it (`prefect worker start` would otherwise create one of its own).
+    # bootstrap made it (the worker creates none of its own).
     wait_for_prefect(settings, STARTUP_SECONDS)
     wait_for("work-pool", settings, STARTUP_SECONDS, f"work pool {settings.work_pool!r}")
     os.environ.update(settings.prefect_environment())
@@ -167,6 +168,9 @@ def exec_prefect_worker(settings: Settings) -> None:
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     if settings.warm_flow_runs:
         os.environ[forkserver.SOCKET_ENV] = forkserver.start(settings.run_dir)
-    os.execv(BIN / "prefect", ["prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
-                              "--limit", str(settings.worker_flow_runs),
-                              "--name", f"ingest-worker-{socket.gethostname()}-{os.getpid()}"])
+    # Imported only now: Prefect reads its settings from the environment set above.
+    from flows.worker import serve
+
+    # `prefect worker start`, plus a wake-up by PostgreSQL for each new flow run (flows/worker.py).
+    asyncio.run(serve(f"ingest-worker-{socket.gethostname()}-{os.getpid()}", settings.work_pool,
+                      settings.worker_flow_runs, settings.database_url))
