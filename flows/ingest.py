@@ -107,7 +107,7 @@ def ingest(pipeline: str, batch_id: UUID, commit_deadline: datetime | None = Non
     settled = run(program, records, flow_run_id, _error_of)
     failures = settled.failures
     with db.pool(settings.database_url).connection() as conn:
-        inbox.mark_failed(conn, pipeline, failures, run_id)
+        inbox.mark_failed(conn, pipeline, failures, flow_run_id)
     stored = len(records) - len(failures) - settled.skipped
     skipped = f", {settled.skipped} skipped" if settled.skipped else ""
     if failures:

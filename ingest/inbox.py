@@ -218,7 +218,6 @@ FLOW_RUN_CREATED_CHANNEL = "ingest_flow_run_created"
 
 # Announces a new flow run of a work pool to its workers; sent only on commit.
 _ANNOUNCE = f"pg_notify('{FLOW_RUN_CREATED_CHANNEL}', %(work_pool)s)::text"
-ANNOUNCE_FLOW_RUN = f"SELECT {_ANNOUNCE}"
 
 # A batch is submitted once its flow run exists (by a consumer, or by its backfill run). The
 # NOTIFY goes in the same statement, so it costs no round trip; a run created early was
@@ -247,7 +246,7 @@ async def mark_submitted(conn: psycopg.AsyncConnection, batch_id: UUID, flow_run
 
 async def announce_flow_run(conn: psycopg.AsyncConnection, work_pool: str) -> None:
     """Wake the workers of `work_pool`: it has a new flow run (one created before its batch's commit)."""
-    await conn.execute(ANNOUNCE_FLOW_RUN, {"work_pool": work_pool})
+    await conn.execute(f"SELECT {_ANNOUNCE}", {"work_pool": work_pool})
 
 
 async def backlog(conn: psycopg.AsyncConnection, pipelines: list[str]) -> dict[str, tuple[int, float]]:
