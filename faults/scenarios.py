@@ -26,7 +26,10 @@ from tests.fixtures.supervised import SupervisedStack
 from ingest.pipelines import Pipeline
 
 CRASH_HEADER = "x-test-crash"  # the stack runs with INGEST_TEST_CRASH_HEADER set to it
-SETTLE_SECONDS = 300
+# The longest a scenario may take to drain once its producer is done. prefect_down leaves
+# about 110 batches waiting for their flow runs, which the worker's 4 slots then run at 1 to
+# 1.5 a second: 2 to 4 minutes alone, 5 with one core busy elsewhere.
+SETTLE_SECONDS = 600
 PUBLISH_SECONDS = 20
 OUTAGE_SECONDS = 5  # broker and database restarts: down this long
 CONSUMER_CONNECTIONS = "ingest-consumer"  # how consumers name their connections to the broker
