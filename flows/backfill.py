@@ -15,6 +15,7 @@ from prefect import flow, get_client, get_run_logger, runtime
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Completed, Failed, State
 
+import flows.engine_tuning  # noqa: F401  (before any run starts)
 from ingest import db, inbox
 from ingest.pipelines import BACKFILL_FLOW, load_pipeline
 from ingest.settings import get_settings

@@ -13,16 +13,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from uuid import UUID
 
 import psycopg
-from prefect import flow, flow_engine, get_run_logger, runtime
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_table_artifact
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+import flows.engine_tuning  # noqa: F401  (before any run starts)
 from flows.steps import run_chunks, run_records
 from ingest import db, inbox
 from ingest.inbox import InboxRecord
@@ -78,13 +78,6 @@ def _wait_for_commit(database_url: str, pipeline: str, batch_id: UUID, run_id: U
 # thousand for a batch in `record` granularity, all but a few waiting for a connection and
 # all contending for the GIL. One thread per pooled connection does the same work faster.
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=db.POOL_SIZE)
-
-# Prefect watches each flow run of a deployment for suspension (`suspend_flow_run`) through a
-# subscription to the server's event stream. While any process subscribes, the server parses
-# and filters every event it receives once more: with a task run per record, three events a
-# record, 5% of the server's CPU, and the server is what bounds `record` throughput. These
-# flows never suspend, so their processes do not watch.
-flow_engine.observe_flow_run_suspension = lambda flow_run_id, suspension_request: nullcontext()
 
 
 @flow(name=INGEST_FLOW, persist_result=False, validate_parameters=True, task_runner=TASK_RUNNER)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 
+import flows.engine_tuning  # noqa: F401  (before any run starts)
 from ingest import db
 from ingest.pipelines import MAINTENANCE_FLOW, load_pipeline
 from ingest.retention import purge
