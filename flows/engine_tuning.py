@@ -22,5 +22,4 @@ from prefect import flow_engine
 
 flow_engine.observe_flow_run_suspension = lambda flow_run_id, suspension_request: nullcontext()
 
-if not isinstance(flow_engine._send_heartbeats, partial):  # once, even if imported again
-    flow_engine._send_heartbeats = partial(flow_engine._send_heartbeats, join_on_exit=False)
+flow_engine._send_heartbeats = partial(flow_engine._send_heartbeats, join_on_exit=False)
