@@ -5,10 +5,12 @@ consumer (bench/bare_consumer.py: same validation, same batched upsert, no Prefe
 the whole system started with `ingest up` (supervisord: Prefect server, worker(s),
 consumer(s)) on fresh databases, then Prefect's own task ceiling (bench/ceiling.py).
 Throughput is first publish to last row stored, read from the sink's `ingested_at`
-(PostgreSQL's clock, the same host's), so polling does not blur it.
+(PostgreSQL's clock, the same host's), so polling does not blur it. The two pairs compared
+as ratios on the same stack (chunk and the orders steps; record and the ceiling) run twice
+each, alternated, and each figure is the mean of its two runs.
 
 Then the peers (bench/peers.py): Prefect background tasks, and a flow run per record, on the
-same server. Writes bench/results.json and prints a table. Takes 15 minutes on a quiet machine, up to 40 on a busy one.
+same server. Writes bench/results.json and prints a table. Takes 20 minutes on a quiet machine, up to 45 on a busy one.
 """
 
 from __future__ import annotations
@@ -270,6 +272,30 @@ def bench_through(database_url: str, pipeline: str, count: int, make=record, bat
     return count / (last - started)
 
 
+def alternated(first, second) -> tuple[list, list]:
+    """Runs of two setups compared as a ratio, as first, second, second, first: a drift over the
+    run (a growing Prefect database, a neighbour's load) weighs on both alike, and each figure
+    is the mean of two, since two runs of one setup differ by up to 20% here."""
+    a, b = [first()], [second()]
+    b.append(second())
+    a.append(first())
+    return a, b
+
+
+def mean_run(runs: list[dict]) -> dict:
+    """Two runs of bench_record or bench_ceiling as one: mean rates, the fewest task runs recorded,
+    every dropped event."""
+    return {"rps": statistics.mean(r["rps"] for r in runs),
+            "task_runs_recorded": min(r["task_runs_recorded"] for r in runs),
+            "recorded_rps": round(statistics.mean(r["recorded_rps"] for r in runs), 1),
+            "events_dropped": sum(r["events_dropped"] for r in runs)}
+
+
+def logged(name: str, value):
+    log(f"{name} {value:.0f}" if isinstance(value, float) else f"{name} {value}")
+    return value
+
+
 def batch_sizes(database_url: str, source: str) -> list[int]:
     """The records of each batch (each a flow run) that `source`'s records came in, largest first."""
     with psycopg.connect(database_url) as conn:
@@ -414,6 +440,8 @@ def print_table(results: dict) -> None:
         f"  {'prefect_naive_rps (a flow run per record)':<42}{t['prefect_naive_rps']:>10.1f}",
         *(f"    {peer} producer handed over {p['handed_over_rps']}/s ({p['records']} records)"
           for peer, p in results["peers"].items()),
+        "  the mean of two runs each, alternated (chunk, steps, steps, chunk; record, ceiling, ceiling, record):",
+        *(f"    {name:<40}{', '.join(f'{rps:.0f}' for rps in runs)}" for name, runs in results["runs"].items()),
         "",
         "ours against the peers (x)",
         *(f"  {ours + ' / ' + peer:<42}{t[ours] / t[peer]:>10.2f}"
@@ -492,17 +520,20 @@ def main() -> int:
                 if args.latency_only:
                     print("\n".join(stages.table_lines(low["where"])))
                     return 0
-                log(f"chunk granularity: {args.records} records")
-                chunk_rps = bench_through(ingest_db, "bench_chunk", args.records)
-                log(f"chunk_rps {chunk_rps:.0f}; the orders pipeline's steps: {args.records} records")
-                chunk_steps_rps = bench_through(ingest_db, "bench_orders", args.records, order)
-                log(f"chunk_steps_rps {chunk_steps_rps:.0f}; latency at half of chunk_rps for {args.seconds / 2:.0f}s")
+                log(f"chunk granularity and the orders pipeline's steps, alternated: {args.records} records each run")
+                chunk_runs, steps_runs = alternated(
+                    lambda: logged("chunk_rps", bench_through(ingest_db, "bench_chunk", args.records)),
+                    lambda: logged("chunk_steps_rps", bench_through(ingest_db, "bench_orders", args.records, order)))
+                chunk_rps, chunk_steps_rps = statistics.mean(chunk_runs), statistics.mean(steps_runs)
+                log(f"latency at half of chunk_rps for {args.seconds / 2:.0f}s")
                 low["half_load"] = bench_latency(ingest_db, "bench_chunk", chunk_rps / 2, args.seconds / 2)
-                log(f"half-load latency {low['half_load']}; record granularity: {args.record_records} records")
-                record = bench_record(running, ingest_db, args.record_records)
-                log(f"record {record}; Prefect's ceiling: {args.record_records} no-op tasks")
-                ceiling = bench_ceiling(running, args.record_records)
-                log(f"ceiling {ceiling}; the same without the recording window")
+                log(f"half-load latency {low['half_load']}; record granularity and Prefect's ceiling (no-op "
+                    f"tasks), alternated: {args.record_records} each run")
+                record_runs, ceiling_runs = alternated(
+                    lambda: logged("record", bench_record(running, ingest_db, args.record_records)),
+                    lambda: logged("ceiling", bench_ceiling(running, args.record_records)))
+                record, ceiling = mean_run(record_runs), mean_run(ceiling_runs)
+                log("the ceiling without the recording window")
                 unwindowed = bench_ceiling(running, args.record_records, window=False)
                 log(f"ceiling without the window {unwindowed}; Prefect background tasks: {args.peer_records} records")
                 background = bench_peer(running, ingest_db, "background", args.peer_records)
@@ -516,6 +547,10 @@ def main() -> int:
                                  "prefect_background_rps": round(background["rps"], 2),
                                  "prefect_naive_rps": round(naive["rps"], 2)}
         results["peers"] = {"background": background, "naive": naive}
+        results["runs"] = {"chunk_rps": [round(r, 1) for r in chunk_runs],
+                           "chunk_steps_rps": [round(r, 1) for r in steps_runs],
+                           "record_rps": [round(r["rps"], 1) for r in record_runs],
+                           "prefect_task_ceiling_rps": [round(r["rps"], 1) for r in ceiling_runs]}
         # Per-record visibility: the task runs the server recorded, how fast, and the state
         # events it dropped during each run.
         recorded = ("task_runs_recorded", "recorded_rps", "events_dropped")
