@@ -179,8 +179,11 @@ def test_with_record_granularity_each_record_is_a_task_run_through_its_steps(sta
     # One task run per record, named source/id; the refused one failed with its step's reason.
     run_ids = {r[0] for r in stack.query("SELECT DISTINCT flow_run_id FROM inbox WHERE pipeline = %s AND source = %s",
                                          (pipeline.name, source))}
+    # The server records task runs from their events, a moment after the records settle:
+    # wait until each one's final state is in, not only its name.
     names = wait_for(lambda: (found := {t.name: t for r in run_ids for t in stack.task_runs(r)})
-                     and len(found) == 6 and found, 60, "the task runs named after their records", stack)
+                     and len(found) == 6 and all(t.state.is_final() for t in found.values()) and found,
+                     60, "the task runs named after their records, in their final states", stack)
     assert set(names) == {f"{source}/{m}" for m in statuses}
     assert names[f"{source}/refused"].state.is_failed()
     assert "rejected by step order: currency 'XYZ'" in names[f"{source}/refused"].state.message
