@@ -46,7 +46,7 @@ test: install system-deps
 	$(BIN)/python -m pytest
 
 # End-to-end throughput, latency and memory against a bare consumer, on the real stack it
-# starts itself, and the Prefect-only peers; prints a table and writes bench/results.json (15 to 40 minutes).
+# starts itself, and the Prefect-only peers; prints a table and writes bench/results.json (20 to 45 minutes).
 bench: install
 	$(BIN)/python -m bench.run
 

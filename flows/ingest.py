@@ -110,12 +110,13 @@ def ingest(pipeline: str, batch_id: UUID, commit_deadline: datetime | None = Non
     with db.pool(settings.database_url).connection() as conn:
         inbox.mark_failed(conn, pipeline, failures, flow_run_id)
     stored = len(records) - len(failures) - settled.skipped
-    skipped = f", {settled.skipped} skipped" if settled.skipped else ""
+    details = (f", {settled.skipped} skipped" if settled.skipped else "") + (
+        f" ({settled.commits} commits)" if settled.commits else "")
     if failures:
         _publish_failures(pipeline, batch_id, records, failures)
         for key, error in list(failures.items())[:20]:
             logger.error("record %s failed: %s", key, error)
         return Failed(message=f"batch {batch_id}: {len(failures)} of {len(records)} record(s) failed, "
-                              f"{stored} stored{skipped}")
-    logger.info("batch %s (%s): %d record(s) stored%s", batch_id, pipeline, stored, skipped)
-    return Completed(message=f"batch {batch_id}: {stored} record(s) stored{skipped}")
+                              f"{stored} stored{details}")
+    logger.info("batch %s (%s): %d record(s) stored%s", batch_id, pipeline, stored, details)
+    return Completed(message=f"batch {batch_id}: {stored} record(s) stored{details}")

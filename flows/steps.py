@@ -7,7 +7,8 @@
   The outcomes travel between a chunk's task runs in memory (`outputs`), never as results
   Prefect would store or walk.
 - `record` granularity: one task run per record, named `source/id`, running the record's
-  whole DAG and storing its row.
+  whole DAG and storing its row, committed with the rows other task runs of the flow run
+  store at the same time (ingest/group_commit.py).
 
 A record rejected or skipped by a step is not passed to the steps after it. Both return
 the records that failed (message key -> error) and how many were skipped; skipped ones
@@ -16,7 +17,9 @@ are settled in the inbox with the stored ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -26,6 +29,7 @@ from prefect.utilities.annotations import quote
 
 from flows.recording import submit_within_window
 from ingest import db, sinks
+from ingest.group_commit import GroupCommit
 from ingest.inbox import InboxRecord
 from ingest.settings import get_settings
 from ingest.running import Rejected, Skipped, run_dag, run_step, settle
@@ -47,17 +51,30 @@ def retry_unless_rejected(task, task_run, state) -> bool:
 class Settled:
     failures: dict[str, str] = field(default_factory=dict)  # message key -> error
     skipped: int = 0
+    commits: int = 0  # `record`: the group commits its rows took (ingest/group_commit.py)
 
     def add(self, other: "Settled") -> None:
         self.failures.update(other.failures)
         self.skipped += other.skipped
 
 
-def _settle(program: Program, records: list[InboxRecord], outcomes: list[Any], run_id: UUID | None) -> Settled:
-    """Store the rows, settle skipped records (one transaction); return what failed and how many were skipped."""
-    rows, skipped, failures = settle(program, [r.message_key for r in records], outcomes)
+Stored = tuple[list, dict[str, str]]  # rows to upsert, skipped records (message key -> reason)
+
+
+def _store(program: Program, run_id: UUID | None, stored: list[Stored]) -> None:
+    """Upsert the rows and settle the skipped records of one or more settles: one statement."""
+    rows = [row for some, _ in stored for row in some]
+    skipped = {key: reason for _, some in stored for key, reason in some.items()}
     with db.pool(get_settings().database_url).connection() as conn:
         sinks.write(conn, program.sink, rows, skipped, run_id)
+
+
+def _settle(program: Program, records: list[InboxRecord], outcomes: list[Any],
+            store: Callable[[Stored], None]) -> Settled:
+    """Store the rows, settle skipped records (one transaction); return what failed and how many were skipped."""
+    rows, skipped, failures = settle(program, [r.message_key for r in records], outcomes)
+    if rows or skipped:
+        store((rows, skipped))
     return Settled({key: rejected.error for key, rejected in failures.items()}, len(skipped))
 
 
@@ -74,7 +91,7 @@ def step_of_chunk(name: str, program: Program, chunk: list[InboxRecord], outputs
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_rejected)
 def store_chunk(program: Program, chunk: list[InboxRecord], outputs: dict, n: int, run_id: UUID | None) -> Settled:
-    return _settle(program, chunk, outputs[(n, program.dag.final)], run_id)
+    return _settle(program, chunk, outputs[(n, program.dag.final)], lambda stored: _store(program, run_id, [stored]))
 
 
 def run_chunks(program: Program, records: list[InboxRecord], run_id: UUID | None, error_of) -> Settled:
@@ -104,20 +121,26 @@ def run_chunks(program: Program, records: list[InboxRecord], run_id: UUID | None
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_rejected,
       task_run_name="{record.source}/{record.id}")
-def process_record(record: InboxRecord, program: Program, run_id: UUID | None) -> int:
+def process_record(record: InboxRecord, program: Program, group: GroupCommit[Stored]) -> int:
     """One record through the whole DAG: its task run carries the record key, so the UI shows each
-    outcome. Returns 1 if the record was skipped, 0 if stored."""
-    settled = _settle(program, [record], run_dag(program.dag, [record], program.pipeline), run_id)
+    outcome. Its row is committed with those of the flow run's other task runs storing at the
+    same time (`group`). Returns 1 if the record was skipped, 0 if stored."""
+    settled = _settle(program, [record], run_dag(program.dag, [record], program.pipeline), group.write)
     if settled.failures:
         raise Reject(settled.failures[record.message_key])
     return settled.skipped
 
 
+# How long a record's write waits for other task runs' writes to join it (ingest/group_commit.py).
+GROUP_COMMIT_LINGER = 0.005
+
+
 def run_records(program: Program, records: list[InboxRecord], run_id: UUID | None, error_of) -> Settled:
     pipeline = program.pipeline
     one = process_record.with_options(retries=pipeline.task_retries, retry_delay_seconds=pipeline.task_retry_delay_seconds)
+    group = GroupCommit(partial(_store, program, run_id), size=db.POOL_SIZE, linger=GROUP_COMMIT_LINGER)
     # quote(): nothing in the parameters is a future; walking them costs about 0.4 ms a record.
-    futures = submit_within_window(one, ((quote(record), quote(program), run_id) for record in records), run_id)
+    futures = submit_within_window(one, ((quote(record), quote(program), quote(group)) for record in records), run_id)
     settled = Settled()
     for record, future in zip(records, futures):
         future.wait()
@@ -125,4 +148,5 @@ def run_records(program: Program, records: list[InboxRecord], run_id: UUID | Non
             settled.skipped += future.result()
         else:
             settled.failures[record.message_key] = error_of(future.state)
+    settled.commits = group.commits
     return settled
