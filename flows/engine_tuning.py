@@ -17,6 +17,14 @@ flow module, so a run has these whether its process was forked warm or started c
   run, 16% of a flow run's CPU with a task run per record (py-spy, 2026-12-02). For a task
   run's own events the list depends only on the flow run and on the ids the event already
   names besides the task run (its tags), so the first answer is kept for the others.
+- Unless Prefect's events are stored (INGEST_PREFECT_EVENT_HISTORY), a task run's events
+  relate only to its flow run and flow, as those of a flow run outside a deployment do.
+  The server parses each event three times (on arrival, to record the task run, to
+  evaluate automations), and the deployment, work queue, work pool and tags (five more
+  resources) cost it about 0.5 ms of CPU a task run, 12% of what it spends on one (make
+  bench's record and ceiling, 2026-12-03); it needs only the flow run to record the task
+  run. An automation matching task-run events by deployment, work pool or tag then does
+  not match them (none of ours does: they watch flow runs, whose events keep everything).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from prefect import flow_engine
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import worker as events_worker
 
+from ingest.settings import get_settings
+
 flow_engine.observe_flow_run_suspension = lambda flow_run_id, suspension_request: nullcontext()
 
 flow_engine._send_heartbeats = partial(flow_engine._send_heartbeats, join_on_exit=False)
@@ -35,6 +45,7 @@ flow_engine._send_heartbeats = partial(flow_engine._send_heartbeats, join_on_exi
 _related_resources = events_worker.related_resources_from_run_context
 _RELATED_KEPT = 100  # a flow run's process needs one or a few: tasks with other tags
 _related_kept: dict[tuple, list] = {}
+_RELATED_WHEN_NOT_STORED = ("flow-run", "flow")
 
 
 async def _related_resources_once_per_flow_run(client, exclude=None) -> list:
@@ -46,7 +57,10 @@ async def _related_resources_once_per_flow_run(client, exclude=None) -> list:
     if key not in _related_kept:
         if len(_related_kept) >= _RELATED_KEPT:
             _related_kept.clear()
-        _related_kept[key] = await _related_resources(client=client, exclude=exclude)
+        related = await _related_resources(client=client, exclude=exclude)
+        if not get_settings().prefect_event_history:
+            related = [r for r in related if r.role in _RELATED_WHEN_NOT_STORED]
+        _related_kept[key] = related
     return list(_related_kept[key])
 
 

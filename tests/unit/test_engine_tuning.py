@@ -7,6 +7,7 @@ import time
 from types import SimpleNamespace
 from uuid import uuid4
 
+import pytest
 from prefect import _flow_run_suspension, flow_engine
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.context import FlowRunContext, TaskRunContext
@@ -93,7 +94,9 @@ def _task_run_event_exclude(task_run: TaskRun) -> set[str]:
     return {f"prefect.task-run.{task_run.id}", *(f"prefect.tag.{tag}" for tag in task_run.tags)}
 
 
-def test_a_task_runs_events_relate_to_the_same_resources_as_prefect_says_computed_once(monkeypatch):
+@pytest.mark.parametrize("event_history", [True, False])
+def test_a_task_runs_events_relate_to_the_same_resources_as_prefect_says_computed_once(monkeypatch, event_history):
+    """With Prefect's events stored, to all Prefect lists; without, to the flow run and flow only."""
     flow_run = FlowRun(id=uuid4(), name="calm-otter", flow_id=uuid4(), deployment_id=uuid4(),
                        work_queue_id=uuid4(), work_pool_name="ingest", tags=["nightly"])
     client = ReadingClient(flow_run)
@@ -106,6 +109,7 @@ def test_a_task_runs_events_relate_to_the_same_resources_as_prefect_says_compute
         return await related.related_resources_from_run_context(client=client, exclude=exclude)
 
     monkeypatch.setattr(engine_tuning, "_related_resources", counted)
+    monkeypatch.setattr(engine_tuning, "get_settings", lambda: SimpleNamespace(prefect_event_history=event_history))
     monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: SimpleNamespace(flow_run=flow_run)))
     related.RESOURCE_CACHE.clear()
     for task_run in task_runs:
@@ -114,9 +118,13 @@ def test_a_task_runs_events_relate_to_the_same_resources_as_prefect_says_compute
         for _ in range(3):  # Pending, Running, Completed
             ours = asyncio.run(events_worker.related_resources_from_run_context(client=client, exclude=exclude))
             prefects = asyncio.run(related.related_resources_from_run_context(client=client, exclude=exclude))
+            if not event_history:
+                prefects = [r for r in prefects if r.role in ("flow-run", "flow")]
+                assert {r.id for r in ours} == {f"prefect.flow-run.{flow_run.id}", f"prefect.flow.{flow_run.flow_id}"}
+            else:
+                assert {r.id for r in ours} >= {f"prefect.flow-run.{flow_run.id}", f"prefect.deployment.{flow_run.deployment_id}",
+                                                "prefect.tag.nightly", "prefect.tag.pipeline"}
             assert [r.model_dump() for r in ours] == [r.model_dump() for r in prefects]
-            assert {r.id for r in ours} >= {f"prefect.flow-run.{flow_run.id}", f"prefect.deployment.{flow_run.deployment_id}",
-                                            "prefect.tag.nightly", "prefect.tag.pipeline"}
     assert len(computed) == 2  # once for the task runs without tags, once for the one tagged vip
 
 
