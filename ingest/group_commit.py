@@ -68,11 +68,10 @@ class GroupCommit(Generic[T]):
     def _commit_group(self, group: list[_Write[T]]) -> None:
         try:
             self._commit([w.item for w in group])
-        except Exception:
+        except BaseException as exc:  # even an interrupt: the others must not take theirs for committed
             for w in group:
-                w.group_failed = True
-            if len(group) == 1:
-                group[0].group_failed = False
+                w.group_failed = len(group) > 1
+            if len(group) == 1 or not isinstance(exc, Exception):
                 raise
         finally:
             with self._cond:
