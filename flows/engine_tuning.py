@@ -21,9 +21,9 @@ flow module, so a run has these whether its process was forked warm or started c
   relate only to its flow run and flow, as those of a flow run outside a deployment do.
   The server parses each event three times (on arrival, to record the task run, to
   evaluate automations), and the deployment, work queue, work pool and tags (five more
-  resources) cost it about 0.5 ms of CPU a task run, 12% of what it spends on one (make
-  bench's record and ceiling, 2026-12-03); it needs only the flow run to record the task
-  run. An automation matching task-run events by deployment, work pool or tag then does
+  resources) cost it about 0.5 ms of CPU a task run, 12% of what it spends on one (record
+  and the ceiling alternated on one stack, 2026-12-03); it needs only the flow run to
+  record the task run. An automation matching task-run events by deployment, work pool or tag then does
   not match them (none of ours does: they watch flow runs, whose events keep everything).
 """
 
